@@ -1,0 +1,235 @@
+"""One AdamW step on host memory: keras_adamw.host against what users would pick instead.
+
+    python benchmarks/host_step.py     # 1M/16M/64M params, 1/100/1000 tensors, 1/2 threads
+    python benchmarks/host_step.py --sizes 16M --tensors 1 --threads 2 --reps 3
+
+Every row measures, in the same run and interleaved step by step so that the
+machine's noise hits all alike: a plain in-place loop with the kernel's memory
+traffic (read p, g, m, v; write p, m, v = 28 bytes per parameter; the ceiling),
+keras_adamw.host, torch.optim.AdamW (for-loop, foreach, fused), NumPy in-place
+ufuncs, and DeepSpeedCPUAdam when it imports. Figures are median ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from keras_adamw import _core, host
+
+BYTES_PER_PARAM = 28
+HYPER = dict(learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, weight_decay=0.01)
+
+
+def split_sizes(total: int, tensors: int) -> list[int]:
+    base, extra = divmod(total, tensors)
+    return [base + (i < extra) for i in range(tensors)]
+
+
+def random_arrays(sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.standard_normal(n, dtype=np.float32) for n in sizes]
+
+
+class Contender:
+    """A named step function with its own state."""
+
+    def __init__(self, name: str, step: Callable[[], None]):
+        self.name, self.step, self.times = name, step, []
+
+    def timed_step(self) -> None:
+        start = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - start)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def ceiling(sizes, rng) -> Contender:
+    p, g, m, v = (random_arrays(sizes, rng) for _ in range(4))
+    return Contender("in-place loop (ceiling)", lambda: _core.read_modify_write(p, g, m, v))
+
+
+def ours(sizes, rng) -> Contender:
+    p, g = random_arrays(sizes, rng), random_arrays(sizes, rng)
+    m, v = [np.zeros(n, np.float32) for n in sizes], [np.zeros(n, np.float32) for n in sizes]
+    count = [0]
+
+    def step():
+        count[0] += 1
+        host.adamw_update(p, g, m, v, step=count[0], epsilon_mode="torch", **HYPER)
+
+    return Contender("keras_adamw.host", step)
+
+
+def torch_adamw(sizes, rng, variant: str) -> Contender:
+    import torch
+
+    params = [torch.from_numpy(a) for a in random_arrays(sizes, rng)]
+    for p, g in zip(params, random_arrays(sizes, rng), strict=True):
+        p.grad = torch.from_numpy(g)
+    flags = {
+        "for-loop": dict(foreach=False),
+        "foreach": dict(foreach=True),
+        "fused": dict(fused=True),
+    }
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=HYPER["learning_rate"],
+        betas=(HYPER["beta_1"], HYPER["beta_2"]),
+        eps=HYPER["epsilon"],
+        weight_decay=HYPER["weight_decay"],
+        **flags[variant],
+    )
+    return Contender(f"torch AdamW {variant}", optimizer.step)
+
+
+def deepspeed_adam(sizes, rng) -> Contender:
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    params = [torch.nn.Parameter(torch.from_numpy(a)) for a in random_arrays(sizes, rng)]
+    for p, g in zip(params, random_arrays(sizes, rng), strict=True):
+        p.grad = torch.from_numpy(g)
+    optimizer = DeepSpeedCPUAdam(
+        params, lr=HYPER["learning_rate"], weight_decay=HYPER["weight_decay"]
+    )
+    return Contender("DeepSpeedCPUAdam", optimizer.step)
+
+
+def numpy_inplace(sizes, rng) -> Contender:
+    p, g = random_arrays(sizes, rng), random_arrays(sizes, rng)
+    m, v = [np.zeros(n, np.float32) for n in sizes], [np.zeros(n, np.float32) for n in sizes]
+    scratch = [np.empty(n, np.float32) for n in sizes]
+    count = [0]
+    lr, b1, b2, eps, wd = (
+        HYPER[k] for k in ("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay")
+    )
+
+    def step():
+        count[0] += 1
+        t = count[0]
+        step_size = lr / (1 - b1**t)
+        sqrt_bc2 = np.sqrt(1 - b2**t)
+        for pi, gi, mi, vi, s in zip(p, g, m, v, scratch, strict=True):
+            pi *= 1 - lr * wd
+            mi *= b1
+            np.multiply(gi, 1 - b1, out=s)
+            mi += s
+            vi *= b2
+            np.multiply(gi, gi, out=s)
+            s *= 1 - b2
+            vi += s
+            np.sqrt(vi, out=s)
+            s /= sqrt_bc2
+            s += eps
+            np.divide(mi, s, out=s)
+            s *= -step_size
+            pi += s
+
+    return Contender("NumPy in-place", step)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return (
+        int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+    )
+
+
+def run_row(total: int, tensors: int, threads: int, reps: int, skip_slow: bool) -> list[Contender]:
+    import torch
+
+    host.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    sizes = split_sizes(total, tensors)
+    makers = [
+        ("ceiling", lambda: ceiling(sizes, rng)),
+        ("ours", lambda: ours(sizes, rng)),
+        ("fused", lambda: torch_adamw(sizes, rng, "fused")),
+        ("foreach", lambda: torch_adamw(sizes, rng, "foreach")),
+        ("for-loop", lambda: torch_adamw(sizes, rng, "for-loop")),
+        ("numpy", lambda: numpy_inplace(sizes, rng)),
+        ("deepspeed", lambda: deepspeed_adam(sizes, rng)),
+    ]
+    if skip_slow:
+        makers = [(k, f) for k, f in makers if k not in ("for-loop", "numpy")]
+    contenders = []
+    for key, make in makers:
+        try:
+            contenders.append(make())
+        except ImportError:
+            if key == "deepspeed":
+                print(f"    (DeepSpeedCPUAdam not importable: skipped at {total} params)")
+            else:
+                raise
+    for contender in contenders:  # warm up: first-touch page faults, thread pools, JIT
+        contender.step()
+    for _ in range(reps):  # interleaved, so noise falls on every contender alike
+        for contender in contenders:
+            contender.timed_step()
+    return contenders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1M,16M,64M")
+    parser.add_argument("--tensors", default="1,100,1000")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--skip-slow", action="store_true", help="leave out torch for-loop and NumPy"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {host.simd_level()} kernel")
+    print(
+        f"torch {torch.__version__}; keras_adamw {_core.__version__}; {args.reps} steps per cell\n"
+    )
+    ours_rate: dict[tuple[int, int], float] = {}
+    header = (
+        f"{'params':>7} {'tensors':>7} {'thr':>3}  {'implementation':<24} {'ms':>8} "
+        f"{'Gparam/s':>9} {'% bound':>8} {'ours x':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for size_text in args.sizes.split(","):
+        total = parse_size(size_text)
+        for threads in map(int, args.threads.split(",")):
+            for tensors in map(int, args.tensors.split(",")):
+                contenders = run_row(total, tensors, threads, args.reps, args.skip_slow)
+                bound = contenders[0].median
+                ours_ms = next(c.median for c in contenders if c.name == "keras_adamw.host")
+                ours_rate[(total, threads, tensors)] = total / ours_ms
+                for c in contenders:
+                    rate = total / c.median / 1e9
+                    print(
+                        f"{size_text:>7} {tensors:>7} {threads:>3}  {c.name:<24} "
+                        f"{c.median * 1e3:8.2f} "
+                        f"{rate:9.3f} {100 * bound / c.median:7.1f}% {c.median / ours_ms:7.2f}"
+                    )
+                gbps = BYTES_PER_PARAM * total / bound / 1e9
+                print(f"{'':>20}  ceiling bandwidth {gbps:.1f} GB/s in place\n")
+    print("keras_adamw.host, rate with many tensors as % of the 1-tensor rate:")
+    for (total, threads, tensors), rate in ours_rate.items():
+        one = ours_rate.get((total, threads, 1))
+        if tensors != 1 and one:
+            print(
+                f"  {total / 2**20:.0f}M params, {threads} threads, {tensors} tensors: "
+                f"{100 * rate / one:.1f}% of the 1-tensor rate"
+            )
+
+
+if __name__ == "__main__":
+    main()

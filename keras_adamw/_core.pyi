@@ -1,0 +1,36 @@
+"""Type stubs for the compiled module (rust/python.rs)."""
+
+from typing import Any, TypedDict
+
+__version__: str
+SIMD_ENV_VAR: str
+THREADS_ENV_VAR: str
+
+class Hyperparameters(TypedDict):
+    step: int
+    learning_rate: float
+    beta_1: float
+    beta_2: float
+    epsilon: float
+    weight_decay: float
+    epsilon_mode: str
+    maximize: bool
+    grad_scale: float | None
+
+def adamw_update(
+    params: list[Any],
+    grads: list[Any],
+    exp_avgs: list[Any],
+    exp_avg_sqs: list[Any],
+    amsgrad_max: list[Any] | None,
+    hyperparameters: Hyperparameters,
+) -> None: ...
+def check_hyperparameters(hyperparameters: Hyperparameters) -> None: ...
+def read_modify_write(
+    params: list[Any], grads: list[Any], exp_avgs: list[Any], exp_avg_sqs: list[Any]
+) -> None: ...
+def simd_level() -> str: ...
+def supported_simd_levels() -> list[str]: ...
+def set_simd_level(level: str) -> None: ...
+def num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...

@@ -1,0 +1,272 @@
+"""AdamW on host (CPU) memory, in place, in Rust: no Keras needed.
+
+`adamw_update` is one step over lists of arrays the caller owns; `HostAdamW`
+owns the optimizer state and counts the steps. Both take NumPy float32 arrays
+and torch CPU float32 tensors (zero-copy), C-contiguous and writable.
+
+The update, for each element (``t`` = ``step``, ``g`` already divided by
+``grad_scale`` and negated under ``maximize``)::
+
+    p ← p · (1 − lr·wd)                          # decay, before the Adam step
+    m ← m + (1 − β₁)(g − m)
+    v ← v + (1 − β₂)(g² − v)
+    v̂ ← max(v̂, v) with AMSGrad, else v
+    keras:  p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v̂ + ε)
+    torch:  p ← p − lr/(1−β₁ᵗ) · m / (√v̂/√(1−β₂ᵗ) + ε)
+
+Per-step constants are computed in float64 for each call. Every SIMD level
+gives bitwise the same result as the scalar reference, for any thread count
+and any split of the data into tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from keras_adamw import _core
+
+__all__ = [
+    "HostAdamW",
+    "adamw_update",
+    "num_threads",
+    "set_num_threads",
+    "set_simd_level",
+    "simd_level",
+    "supported_simd_levels",
+]
+
+simd_level = _core.simd_level
+supported_simd_levels = _core.supported_simd_levels
+set_simd_level = _core.set_simd_level
+num_threads = _core.num_threads
+set_num_threads = _core.set_num_threads
+
+#: Caps the SIMD level (``scalar``, ``avx2``, ``avx512``, ``neon``); read once.
+SIMD_ENV_VAR: str = _core.SIMD_ENV_VAR
+#: The default thread count; read when the thread pool starts.
+THREADS_ENV_VAR: str = _core.THREADS_ENV_VAR
+
+
+def _host_view(x: Any, label: str) -> Any:
+    """A torch CPU tensor as a NumPy array over the same memory; others unchanged."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "cpu":
+                raise ValueError(f"{label} is on {x.device}: host arrays must be on the CPU")
+            if x.dtype != torch.float32:
+                raise TypeError(f"{label} must have dtype float32, got {x.dtype}")
+            return x.detach().numpy()
+    return x
+
+
+def _as_list(x: Any, name: str) -> list[Any]:
+    if not isinstance(x, (list, tuple)):
+        x = [x]
+    if set(map(type, x)) <= {np.ndarray}:  # the common case, kept cheap for many tensors
+        return list(x)
+    return [_host_view(a, f"{name}[{i}]") for i, a in enumerate(x)]
+
+
+def adamw_update(
+    params: Any,
+    grads: Any,
+    exp_avgs: Any,
+    exp_avg_sqs: Any,
+    *,
+    step: int,
+    learning_rate: float,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    weight_decay: float = 0.004,
+    epsilon_mode: str = "keras",
+    amsgrad_max: Any = None,
+    maximize: bool = False,
+    grad_scale: float | None = None,
+) -> None:
+    """One AdamW step, in place, over a list of tensors (or one array).
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: parallel lists of float32
+            C-contiguous arrays of matching shapes; all but ``grads`` are updated
+            in place. ``exp_avgs``/``exp_avg_sqs`` start at zero.
+        step: the 1-based count of this update (bias correction).
+        epsilon_mode: ``"keras"`` (ε added to √v, as ``keras.optimizers.AdamW``)
+            or ``"torch"`` (ε added to √v̂, as ``torch.optim.AdamW``).
+        amsgrad_max: the running maxima of ``exp_avg_sqs`` (start at zero);
+            passing them turns AMSGrad on.
+        maximize: ascend the objective instead of descending it.
+        grad_scale: divide the gradients by this first (unscaling a loss-scaled
+            gradient in the same pass).
+
+    Raises ``TypeError``/``ValueError`` naming the bad argument before any
+    array is written.
+    """
+    _core.adamw_update(
+        _as_list(params, "params"),
+        _as_list(grads, "grads"),
+        _as_list(exp_avgs, "exp_avgs"),
+        _as_list(exp_avg_sqs, "exp_avg_sqs"),
+        None if amsgrad_max is None else _as_list(amsgrad_max, "amsgrad_max"),
+        {
+            "step": step,
+            "learning_rate": learning_rate,
+            "beta_1": beta_1,
+            "beta_2": beta_2,
+            "epsilon": epsilon,
+            "weight_decay": weight_decay,
+            "epsilon_mode": epsilon_mode,
+            "maximize": bool(maximize),
+            "grad_scale": grad_scale,
+        },
+    )
+
+
+class HostAdamW:
+    """A stateful AdamW over host arrays it updates in place.
+
+    It owns the first and second moments (and the AMSGrad maxima) as float32
+    NumPy arrays and counts steps. Hyperparameters are plain attributes that may
+    change between steps; ``learning_rate`` and ``weight_decay`` may also be
+    callables of the 1-based step count (a schedule).
+
+    >>> opt = HostAdamW([w], learning_rate=1e-3)
+    >>> opt.step([grad_w])
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Any],
+        *,
+        learning_rate: float | Callable[[int], float] = 1e-3,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        weight_decay: float | Callable[[int], float] = 0.004,
+        epsilon_mode: str = "keras",
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        self.params = _as_list(params, "params")
+        if not self.params:
+            raise ValueError("params is empty: pass at least one array")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, np.ndarray) or p.dtype != np.float32:
+                raise TypeError(f"params[{i}] must be a float32 NumPy array or torch CPU tensor")
+        self.learning_rate = learning_rate
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.weight_decay = weight_decay
+        self.epsilon_mode = epsilon_mode
+        self.amsgrad = bool(amsgrad)
+        self.maximize = maximize
+        self.iterations = 0
+        self.exp_avgs = [np.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [np.zeros_like(p) for p in self.params]
+        self.amsgrad_max = [np.zeros_like(p) for p in self.params] if self.amsgrad else None
+        # Fail now, not at the first step, on bad hyperparameters.
+        self._hyperparameters(1)
+
+    def _hyperparameters(self, step: int) -> dict[str, Any]:
+        def value(x: Any) -> Any:
+            return x(step) if callable(x) else x
+
+        hyperparameters = {
+            "learning_rate": value(self.learning_rate),
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "weight_decay": value(self.weight_decay),
+            "epsilon_mode": self.epsilon_mode,
+            "maximize": bool(self.maximize),
+        }
+        _check_hyperparameters(hyperparameters)
+        return hyperparameters
+
+    def step(self, grads: Any, *, grad_scale: float | None = None) -> None:
+        """Applies one update with ``grads`` (a list parallel to ``params``)."""
+        step = self.iterations + 1
+        adamw_update(
+            self.params,
+            grads,
+            self.exp_avgs,
+            self.exp_avg_sqs,
+            step=step,
+            amsgrad_max=self.amsgrad_max,
+            grad_scale=grad_scale,
+            **self._hyperparameters(step),
+        )
+        self.iterations = step
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the state: step count, moments, scalar hyperparameters."""
+        state: dict[str, Any] = {
+            "iterations": self.iterations,
+            "exp_avgs": [m.copy() for m in self.exp_avgs],
+            "exp_avg_sqs": [v.copy() for v in self.exp_avg_sqs],
+            "amsgrad_max": None
+            if self.amsgrad_max is None
+            else [x.copy() for x in self.amsgrad_max],
+            "hyperparameters": {
+                name: getattr(self, name)
+                for name in _SCALAR_HYPERPARAMETERS
+                if not callable(getattr(self, name))
+            },
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()`'s output; checks everything before changing anything."""
+        iterations = state["iterations"]
+        if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
+            raise TypeError(f"state['iterations'] must be an int, got {iterations!r}")
+        if iterations < 0:
+            raise ValueError(f"state['iterations'] must be >= 0, got {iterations}")
+        names = ["exp_avgs", "exp_avg_sqs"] + (["amsgrad_max"] if self.amsgrad else [])
+        if not self.amsgrad and state.get("amsgrad_max") is not None:
+            raise ValueError("state has amsgrad_max but this optimizer has amsgrad=False")
+        for name in names:
+            arrays = state.get(name)
+            if arrays is None or len(arrays) != len(self.params):
+                count = "none" if arrays is None else len(arrays)
+                raise ValueError(
+                    f"state[{name!r}] must hold {len(self.params)} arrays, got {count}"
+                )
+            for i, (array, p) in enumerate(zip(arrays, self.params, strict=True)):
+                if np.shape(array) != p.shape:
+                    raise ValueError(
+                        f"state[{name!r}][{i}] has shape {np.shape(array)} where params[{i}] "
+                        f"has shape {p.shape}"
+                    )
+        hyperparameters = {**self._hyperparameters(self.iterations + 1)}
+        hyperparameters.update(state.get("hyperparameters", {}))
+        _check_hyperparameters(hyperparameters)
+
+        for name in names:
+            for own, array in zip(getattr(self, name), state[name], strict=True):
+                np.copyto(own, np.asarray(array, dtype=np.float32))
+        for name, value in state.get("hyperparameters", {}).items():
+            setattr(self, name, value)
+        self.iterations = int(iterations)
+
+
+_SCALAR_HYPERPARAMETERS = (
+    "learning_rate",
+    "beta_1",
+    "beta_2",
+    "epsilon",
+    "weight_decay",
+    "epsilon_mode",
+    "maximize",
+)
+
+
+def _check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+    """The kernel's own checks, for a clear error before a step is attempted."""
+    _core.check_hyperparameters({"step": 1, "grad_scale": None, **hyperparameters})

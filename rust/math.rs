@@ -1,0 +1,363 @@
+//! The AdamW update: hyperparameters, the per-step constants derived from them,
+//! and the scalar reference of the element update that every SIMD variant must
+//! reproduce bit for bit.
+
+use std::fmt;
+
+/// Where epsilon enters the denominator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpsilonMode {
+    /// `keras.optimizers.AdamW`: `p -= lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m / (√v + ε)`.
+    Keras,
+    /// `torch.optim.AdamW`: `p -= lr/(1-β₁ᵗ) · m / (√v/√(1-β₂ᵗ) + ε)`.
+    Torch,
+}
+
+impl EpsilonMode {
+    pub fn parse(name: &str) -> Result<Self, InvalidArgument> {
+        match name {
+            "keras" => Ok(Self::Keras),
+            "torch" => Ok(Self::Torch),
+            other => Err(InvalidArgument::new(
+                "epsilon_mode",
+                format!("must be \"keras\" or \"torch\", got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A bad argument, named, with what was wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidArgument {
+    pub argument: String,
+    pub problem: String,
+}
+
+impl InvalidArgument {
+    pub fn new(argument: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            argument: argument.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for InvalidArgument {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.argument, self.problem)
+    }
+}
+
+impl std::error::Error for InvalidArgument {}
+
+/// The hyperparameters of one AdamW step, as the user gives them.
+#[derive(Clone, Debug)]
+pub struct Hyperparams {
+    /// 1-based index of this update.
+    pub step: u64,
+    pub learning_rate: f64,
+    pub beta_1: f64,
+    pub beta_2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    pub epsilon_mode: EpsilonMode,
+    pub maximize: bool,
+    /// Gradients are divided by this (a loss scale) in the same pass.
+    pub grad_scale: Option<f64>,
+}
+
+impl Default for Hyperparams {
+    /// Keras's defaults, at the first step.
+    fn default() -> Self {
+        Self {
+            step: 1,
+            learning_rate: 1e-3,
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-7,
+            weight_decay: 0.004,
+            epsilon_mode: EpsilonMode::Keras,
+            maximize: false,
+            grad_scale: None,
+        }
+    }
+}
+
+/// The per-step scalars the element update needs, computed once per call in
+/// float64 (never as a running product, which drifts) and rounded to float32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepConstants {
+    /// Gradients are multiplied by this: ±1/grad_scale (exactly ±1 without a scale).
+    pub grad_multiplier: f32,
+    pub one_minus_beta_1: f32,
+    pub one_minus_beta_2: f32,
+    /// The decay before the Adam step is `p ← p·decay_scale + p·decay_delta`,
+    /// which is `p·(1-lr·wd)` rounded as each reference rounds it: torch
+    /// multiplies by the float32 factor (scale `1-lr·wd`, delta 0); Keras
+    /// subtracts `p·lr·wd` (scale 1, delta `-lr·wd`), which keeps the factor's
+    /// rounding from biasing every step the same way.
+    pub decay_scale: f32,
+    pub decay_delta: f32,
+    /// `lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, with the sign of a descent step folded in.
+    pub neg_step_size: f32,
+    /// ε as it is added to √v (not √v̂): both epsilon modes share one kernel.
+    pub epsilon: f32,
+}
+
+fn check(
+    ok: bool,
+    argument: &str,
+    problem: impl FnOnce() -> String,
+) -> Result<(), InvalidArgument> {
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidArgument::new(argument, problem()))
+    }
+}
+
+impl Hyperparams {
+    /// Validates the hyperparameters and derives the step constants.
+    pub fn constants(&self) -> Result<StepConstants, InvalidArgument> {
+        let finite_at_least = |value: f64, name: &str, low: f64| {
+            check(value.is_finite() && value >= low, name, || {
+                format!("must be a finite number >= {low}, got {value}")
+            })
+        };
+        check(self.step >= 1, "step", || {
+            format!(
+                "must be >= 1 (the 1-based count of this update), got {}",
+                self.step
+            )
+        })?;
+        finite_at_least(self.learning_rate, "learning_rate", 0.0)?;
+        finite_at_least(self.weight_decay, "weight_decay", 0.0)?;
+        for (beta, name) in [(self.beta_1, "beta_1"), (self.beta_2, "beta_2")] {
+            check((0.0..1.0).contains(&beta), name, || {
+                format!("must be in [0, 1), got {beta}")
+            })?;
+        }
+        check(
+            self.epsilon.is_finite() && self.epsilon > 0.0,
+            "epsilon",
+            || format!("must be a finite number > 0, got {}", self.epsilon),
+        )?;
+        if let Some(scale) = self.grad_scale {
+            check(scale.is_finite() && scale > 0.0, "grad_scale", || {
+                format!("must be a finite number > 0, got {scale}")
+            })?;
+        }
+
+        // powf, not powi: `step` may exceed i32.
+        let t = self.step as f64;
+        let bias_correction_1 = 1.0 - self.beta_1.powf(t);
+        let sqrt_bias_correction_2 = (1.0 - self.beta_2.powf(t)).sqrt();
+        let step_size = self.learning_rate * sqrt_bias_correction_2 / bias_correction_1;
+        let epsilon = match self.epsilon_mode {
+            EpsilonMode::Keras => self.epsilon,
+            // √v/√bc₂ + ε = (√v + ε·√bc₂)/√bc₂, and the 1/√bc₂ is in step_size.
+            EpsilonMode::Torch => self.epsilon * sqrt_bias_correction_2,
+        };
+        let decay = self.learning_rate * self.weight_decay;
+        let (decay_scale, decay_delta) = match self.epsilon_mode {
+            EpsilonMode::Keras => (1.0, -decay),
+            EpsilonMode::Torch => (1.0 - decay, 0.0),
+        };
+        let sign = if self.maximize { -1.0 } else { 1.0 };
+        let grad_multiplier = sign / self.grad_scale.unwrap_or(1.0);
+
+        check(step_size.is_finite(), "learning_rate", || {
+            format!(
+                "gives a non-finite step size {step_size} at step {}",
+                self.step
+            )
+        })?;
+        check((epsilon as f32) > 0.0, "epsilon", || {
+            format!("underflows float32 at step {} ({epsilon})", self.step)
+        })?;
+        check((grad_multiplier as f32).is_normal(), "grad_scale", || {
+            format!(
+                "has no normal float32 reciprocal, got {:?}",
+                self.grad_scale
+            )
+        })?;
+        Ok(StepConstants {
+            grad_multiplier: grad_multiplier as f32,
+            one_minus_beta_1: (1.0 - self.beta_1) as f32,
+            one_minus_beta_2: (1.0 - self.beta_2) as f32,
+            decay_scale: decay_scale as f32,
+            decay_delta: decay_delta as f32,
+            neg_step_size: -step_size as f32,
+            epsilon: epsilon as f32,
+        })
+    }
+}
+
+/// One element of the update; the reference every SIMD variant reproduces.
+///
+/// The same operations in the same order as the vector code, with fused
+/// multiply-adds where it uses them, so the results are bitwise identical.
+/// Returns `(p, m, v, v_max)`; `v_max` is `v` when AMSGrad is off.
+#[inline(always)]
+pub fn update_element(
+    p: f32,
+    g: f32,
+    m: f32,
+    v: f32,
+    v_max: Option<f32>,
+    c: &StepConstants,
+) -> [f32; 4] {
+    let g = g * c.grad_multiplier;
+    let m = (g - m).mul_add(c.one_minus_beta_1, m);
+    let v = (g * g - v).mul_add(c.one_minus_beta_2, v);
+    // `>` then select, as x86's max instructions do (NaN picks `v`), not `f32::max`.
+    let v_hat = match v_max {
+        Some(v_max) if v_max > v => v_max,
+        _ => v,
+    };
+    let denominator = v_hat.sqrt() + c.epsilon;
+    let p = p.mul_add(c.decay_delta, p * c.decay_scale);
+    let p = c.neg_step_size.mul_add(m / denominator, p);
+    [p, m, v, v_hat]
+}
+
+/// The scalar reference over whole slices (also the tail of the SIMD variants).
+#[inline(always)]
+pub fn update_scalar(t: crate::TensorSlices<'_>, c: &StepConstants) {
+    let crate::TensorSlices {
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+    } = t;
+    match max_exp_avg_sq {
+        None => {
+            for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
+                [*p, *m, *v, _] = update_element(*p, g, *m, *v, None, c);
+            }
+        }
+        Some(max_v) => {
+            let lanes = params
+                .iter_mut()
+                .zip(grads)
+                .zip(exp_avg)
+                .zip(exp_avg_sq)
+                .zip(max_v);
+            for ((((p, &g), m), v), max_v) in lanes {
+                [*p, *m, *v, *max_v] = update_element(*p, g, *m, *v, Some(*max_v), c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_follow_keras_and_torch() {
+        let hp = Hyperparams {
+            step: 3,
+            learning_rate: 0.01,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let keras = hp.constants().unwrap();
+        let bc1 = 1.0 - 0.9f64.powi(3);
+        let bc2 = 1.0 - 0.999f64.powi(3);
+        assert_eq!(keras.neg_step_size, (-0.01 * bc2.sqrt() / bc1) as f32);
+        assert_eq!(keras.epsilon, 1e-7);
+        assert_eq!((keras.decay_scale, keras.decay_delta), (1.0, -0.001f32));
+        let torch = Hyperparams {
+            epsilon_mode: EpsilonMode::Torch,
+            ..hp
+        }
+        .constants()
+        .unwrap();
+        assert_eq!(torch.epsilon, (1e-7 * bc2.sqrt()) as f32);
+        assert_eq!(
+            (torch.decay_scale, torch.decay_delta),
+            ((1.0 - 0.001f64) as f32, 0.0)
+        );
+    }
+
+    #[test]
+    fn bad_hyperparameters_name_the_argument() {
+        let bad = [
+            (
+                Hyperparams {
+                    step: 0,
+                    ..Default::default()
+                },
+                "step",
+            ),
+            (
+                Hyperparams {
+                    learning_rate: -1.0,
+                    ..Default::default()
+                },
+                "learning_rate",
+            ),
+            (
+                Hyperparams {
+                    learning_rate: f64::NAN,
+                    ..Default::default()
+                },
+                "learning_rate",
+            ),
+            (
+                Hyperparams {
+                    beta_1: 1.0,
+                    ..Default::default()
+                },
+                "beta_1",
+            ),
+            (
+                Hyperparams {
+                    beta_2: -0.1,
+                    ..Default::default()
+                },
+                "beta_2",
+            ),
+            (
+                Hyperparams {
+                    epsilon: 0.0,
+                    ..Default::default()
+                },
+                "epsilon",
+            ),
+            (
+                Hyperparams {
+                    weight_decay: f64::INFINITY,
+                    ..Default::default()
+                },
+                "weight_decay",
+            ),
+            (
+                Hyperparams {
+                    grad_scale: Some(0.0),
+                    ..Default::default()
+                },
+                "grad_scale",
+            ),
+        ];
+        for (hp, name) in bad {
+            assert_eq!(hp.constants().unwrap_err().argument, name);
+        }
+        assert_eq!(
+            EpsilonMode::parse("tf").unwrap_err().argument,
+            "epsilon_mode"
+        );
+    }
+
+    #[test]
+    fn huge_step_counts_are_fine() {
+        let hp = Hyperparams {
+            step: u64::MAX,
+            ..Default::default()
+        };
+        let c = hp.constants().unwrap();
+        assert_eq!(c.neg_step_size, -1e-3);
+    }
+}

@@ -1,0 +1,395 @@
+//! `keras_adamw._core`: the PyO3 bindings. Every argument is checked, and every
+//! array borrowed, before the first element is written; the kernel then runs
+//! with the GIL released.
+
+use crate::aliasing::{find_overlap, Region};
+use crate::math::{EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
+use crate::{bandwidth, parallel, simd, TensorSlices};
+use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
+use numpy::npyffi::NPY_ARRAY_WRITEABLE;
+use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+impl From<InvalidArgument> for PyErr {
+    fn from(e: InvalidArgument) -> Self {
+        PyValueError::new_err(e.to_string())
+    }
+}
+
+fn invalid(argument: String, problem: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!("{argument} {problem}"))
+}
+
+/// One argument list (`params`, `grads`, ...) as float32 C-contiguous aligned
+/// arrays, writable where the update writes them.
+struct ArrayList<'py> {
+    name: &'static str,
+    arrays: Vec<Bound<'py, PyArrayDyn<f32>>>,
+}
+
+impl<'py> ArrayList<'py> {
+    fn new(name: &'static str, objects: &[Bound<'py, PyAny>], written: bool) -> PyResult<Self> {
+        if objects.is_empty() {
+            return Err(invalid(name.into(), "is empty: pass at least one array"));
+        }
+        let arrays = objects
+            .iter()
+            .enumerate()
+            .map(|(i, object)| as_f32_array(object, || format!("{name}[{i}]"), written))
+            .collect::<PyResult<_>>()?;
+        Ok(Self { name, arrays })
+    }
+
+    fn label(&self, i: usize) -> String {
+        format!("{}[{i}]", self.name)
+    }
+
+    fn check_matches(&self, params: &ArrayList<'py>) -> PyResult<()> {
+        if self.arrays.len() != params.arrays.len() {
+            return Err(invalid(
+                self.name.into(),
+                format!(
+                    "has {} arrays where params has {}",
+                    self.arrays.len(),
+                    params.arrays.len()
+                ),
+            ));
+        }
+        for (i, (array, param)) in self.arrays.iter().zip(&params.arrays).enumerate() {
+            if array.shape() != param.shape() {
+                return Err(invalid(
+                    self.label(i),
+                    format!(
+                        "has shape {:?} where params[{i}] has shape {:?}",
+                        array.shape(),
+                        param.shape()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Address ranges, labelled (list name, index) so no string is built unless one overlaps.
+    fn regions(&self, written: bool) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
+        self.arrays
+            .iter()
+            .enumerate()
+            .map(move |(i, array)| Region {
+                start: array.data() as usize,
+                len_bytes: array.len() * size_of::<f32>(),
+                written,
+                label: (self.name, i),
+            })
+    }
+
+    fn slices(&self) -> Vec<&[f32]> {
+        self.arrays.iter().map(|array| as_slice(array)).collect()
+    }
+
+    /// # Safety
+    /// The arrays must be writable and share no memory with any other slice in use.
+    unsafe fn slices_mut(&mut self) -> Vec<&mut [f32]> {
+        // SAFETY: the caller's contract.
+        self.arrays
+            .iter_mut()
+            .map(|array| unsafe { as_slice_mut(array) })
+            .collect()
+    }
+}
+
+fn as_f32_array<'py>(
+    object: &Bound<'py, PyAny>,
+    label: impl Fn() -> String,
+    written: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let Ok(array) = object.cast::<PyArrayDyn<f32>>() else {
+        return Err(match object.cast::<PyUntypedArray>() {
+            Ok(other) => PyTypeError::new_err(format!(
+                "{} must have dtype float32, got {}",
+                label(),
+                other.dtype()
+            )),
+            Err(_) => PyTypeError::new_err(format!(
+                "{} must be a float32 NumPy array or torch CPU tensor, got {}",
+                label(),
+                object.get_type().name()?
+            )),
+        });
+    };
+    if !array.is_c_contiguous() {
+        return Err(invalid(
+            label(),
+            "is not C-contiguous: an in-place update of a copy would be lost",
+        ));
+    }
+    if !array.is_aligned() {
+        return Err(invalid(label(), "is not aligned to 4 bytes"));
+    }
+    if written && !is_writeable(array) {
+        return Err(invalid(label(), "is read-only"));
+    }
+    Ok(array.clone())
+}
+
+fn is_writeable(array: &Bound<'_, PyArrayDyn<f32>>) -> bool {
+    // SAFETY: `array` is a live ndarray and we hold the GIL.
+    let flags = unsafe { (*_PyArray_GET_ITEM_DATA(array.as_array_ptr())).flags };
+    flags & NPY_ARRAY_WRITEABLE != 0
+}
+
+/// The array's elements. The arrays were checked C-contiguous, aligned float32.
+fn as_slice<'a>(array: &'a Bound<'_, PyArrayDyn<f32>>) -> &'a [f32] {
+    if array.is_empty() {
+        return &[];
+    }
+    // SAFETY: a live, aligned, C-contiguous float32 array holds len() elements at data().
+    unsafe { std::slice::from_raw_parts(array.data(), array.len()) }
+}
+
+/// # Safety
+/// `array` must be writable and share no memory with any other slice in use.
+unsafe fn as_slice_mut<'a>(array: &'a mut Bound<'_, PyArrayDyn<f32>>) -> &'a mut [f32] {
+    if array.is_empty() {
+        return &mut [];
+    }
+    // SAFETY: as in as_slice; exclusive by the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(array.data(), array.len()) }
+}
+
+/// The arrays of one call, checked against each other: shapes, and no memory
+/// shared with a written array (rust-numpy's borrow tracking misses views of one
+/// buffer made by different owners, such as two torch tensors over one storage).
+struct StepArrays<'py> {
+    params: ArrayList<'py>,
+    grads: ArrayList<'py>,
+    exp_avgs: ArrayList<'py>,
+    exp_avg_sqs: ArrayList<'py>,
+    amsgrad_max: Option<ArrayList<'py>>,
+}
+
+type Objects<'py> = Vec<Bound<'py, PyAny>>;
+
+impl<'py> StepArrays<'py> {
+    fn new(
+        params: Objects<'py>,
+        grads: Objects<'py>,
+        exp_avgs: Objects<'py>,
+        exp_avg_sqs: Objects<'py>,
+        amsgrad_max: Option<Objects<'py>>,
+    ) -> PyResult<Self> {
+        let arrays = Self {
+            params: ArrayList::new("params", &params, true)?,
+            grads: ArrayList::new("grads", &grads, false)?,
+            exp_avgs: ArrayList::new("exp_avgs", &exp_avgs, true)?,
+            exp_avg_sqs: ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true)?,
+            amsgrad_max: amsgrad_max
+                .map(|list| ArrayList::new("amsgrad_max", &list, true))
+                .transpose()?,
+        };
+        let mut written = vec![&arrays.params, &arrays.exp_avgs, &arrays.exp_avg_sqs];
+        written.extend(arrays.amsgrad_max.as_ref());
+        for list in written[1..].iter().chain([&&arrays.grads]) {
+            list.check_matches(&arrays.params)?;
+        }
+        let regions: Vec<Region<_>> = written
+            .iter()
+            .flat_map(|list| list.regions(true))
+            .chain(arrays.grads.regions(false))
+            .collect();
+        if let Some(((name_1, i_1), (name_2, i_2))) = find_overlap(&regions) {
+            return Err(invalid(
+                format!("{name_2}[{i_2}]"),
+                format!("shares memory with {name_1}[{i_1}]"),
+            ));
+        }
+        Ok(arrays)
+    }
+
+    /// Runs `work` on the tensors' slices with the GIL released.
+    fn run<F>(mut self, py: Python<'_>, work: F) -> PyResult<()>
+    where
+        F: for<'a> FnOnce(Vec<TensorSlices<'a>>) + Send,
+    {
+        // SAFETY: `new` checked that the written lists are writable and that no
+        // written array shares memory with any other array of the call.
+        let (params, exp_avgs, exp_avg_sqs, amsgrad_max) = unsafe {
+            (
+                self.params.slices_mut(),
+                self.exp_avgs.slices_mut(),
+                self.exp_avg_sqs.slices_mut(),
+                self.amsgrad_max.as_mut().map(|list| list.slices_mut()),
+            )
+        };
+        let mut amsgrad_max = amsgrad_max.map(Vec::into_iter);
+        let tensors = params
+            .into_iter()
+            .zip(self.grads.slices())
+            .zip(exp_avgs)
+            .zip(exp_avg_sqs)
+            .map(|(((p, g), m), v)| {
+                let max_v = amsgrad_max.as_mut().and_then(Iterator::next);
+                TensorSlices::new(p, g, m, v, max_v)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        py.detach(|| work(tensors));
+        Ok(())
+    }
+}
+
+/// The hyperparameters of one step, passed from Python as a dict.
+struct HyperparamsArg {
+    step: i64,
+    learning_rate: f64,
+    beta_1: f64,
+    beta_2: f64,
+    epsilon: f64,
+    weight_decay: f64,
+    epsilon_mode: String,
+    maximize: bool,
+    grad_scale: Option<f64>,
+}
+
+impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
+    type Error = PyErr;
+
+    fn extract(dict: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        let dict = dict.cast::<PyDict>()?.to_owned();
+        let dict = &dict;
+        fn item<'py, T: for<'a> FromPyObject<'a, 'py>>(
+            dict: &Bound<'py, PyDict>,
+            name: &str,
+            kind: &str,
+        ) -> PyResult<T> {
+            let value = dict
+                .get_item(name)?
+                .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
+            value.extract().map_err(|_| {
+                let type_name = value
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string());
+                PyTypeError::new_err(format!("{name} must be {kind}, got {type_name}"))
+            })
+        }
+        Ok(Self {
+            step: item(dict, "step", "an int (the 1-based count of this update)")?,
+            learning_rate: item(dict, "learning_rate", "a number")?,
+            beta_1: item(dict, "beta_1", "a number")?,
+            beta_2: item(dict, "beta_2", "a number")?,
+            epsilon: item(dict, "epsilon", "a number")?,
+            weight_decay: item(dict, "weight_decay", "a number")?,
+            epsilon_mode: item(dict, "epsilon_mode", "a string")?,
+            maximize: item(dict, "maximize", "a bool")?,
+            grad_scale: item(dict, "grad_scale", "a number or None")?,
+        })
+    }
+}
+
+impl HyperparamsArg {
+    fn constants(&self) -> PyResult<StepConstants> {
+        let step = self.step;
+        let hyperparams = Hyperparams {
+            step: u64::try_from(step)
+                .map_err(|_| invalid("step".into(), format!("must be >= 1, got {step}")))?,
+            learning_rate: self.learning_rate,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            epsilon_mode: EpsilonMode::parse(&self.epsilon_mode)?,
+            maximize: self.maximize,
+            grad_scale: self.grad_scale,
+        };
+        Ok(hyperparams.constants()?)
+    }
+}
+
+/// Raises `ValueError` naming the first bad hyperparameter, as `adamw_update` would.
+#[pyfunction]
+fn check_hyperparameters(hyperparameters: HyperparamsArg) -> PyResult<()> {
+    hyperparameters.constants().map(drop)
+}
+
+/// One AdamW step in place; see `keras_adamw.host.adamw_update`.
+#[pyfunction]
+fn adamw_update<'py>(
+    py: Python<'py>,
+    params: Objects<'py>,
+    grads: Objects<'py>,
+    exp_avgs: Objects<'py>,
+    exp_avg_sqs: Objects<'py>,
+    amsgrad_max: Option<Objects<'py>>,
+    hyperparameters: HyperparamsArg,
+) -> PyResult<()> {
+    let constants = hyperparameters.constants()?;
+    let level = simd::active_level()?;
+    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, amsgrad_max)?;
+    arrays.run(py, |tensors| {
+        parallel::adamw_step(tensors, &constants, level)
+    })
+}
+
+/// The benchmark's ceiling: `p += g; m += g; v += g` in place, same threads and chunks.
+#[pyfunction]
+fn read_modify_write<'py>(
+    py: Python<'py>,
+    params: Objects<'py>,
+    grads: Objects<'py>,
+    exp_avgs: Objects<'py>,
+    exp_avg_sqs: Objects<'py>,
+) -> PyResult<()> {
+    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, None)?;
+    arrays.run(py, bandwidth::read_modify_write)
+}
+
+/// The SIMD level the kernel runs at now.
+#[pyfunction]
+fn simd_level() -> PyResult<&'static str> {
+    Ok(simd::active_level()?.name())
+}
+
+/// The SIMD levels this CPU supports, narrowest first.
+#[pyfunction]
+fn supported_simd_levels() -> Vec<&'static str> {
+    simd::supported_levels()
+        .into_iter()
+        .map(simd::SimdLevel::name)
+        .collect()
+}
+
+#[pyfunction]
+fn set_simd_level(level: &str) -> PyResult<()> {
+    simd::set_active_level(level).map_err(|e| invalid("level".into(), e.problem))?;
+    Ok(())
+}
+
+#[pyfunction]
+fn num_threads() -> usize {
+    parallel::num_threads()
+}
+
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    let n = usize::try_from(n)
+        .map_err(|_| invalid("n".into(), format!("must be >= 1 threads, got {n}")))?;
+    Ok(parallel::set_num_threads(n)?)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(adamw_update, m)?)?;
+    m.add_function(wrap_pyfunction!(check_hyperparameters, m)?)?;
+    m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SIMD_ENV_VAR", simd::SIMD_ENV_VAR)?;
+    m.add("THREADS_ENV_VAR", parallel::THREADS_ENV_VAR)?;
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The kernel against its scalar reference (bitwise) and against a plain
+//! float64 AdamW written here (closely).
+
+use keras_adamw_core::math::update_scalar;
+use keras_adamw_core::parallel::{adamw_step, set_num_threads};
+use keras_adamw_core::simd::{self, supported_levels};
+use keras_adamw_core::{EpsilonMode, Hyperparams, StepConstants, TensorSlices};
+use proptest::prelude::*;
+
+/// State of one tensor: p, g, m, v, and the AMSGrad maxima.
+#[derive(Clone, Debug, PartialEq)]
+struct State {
+    p: Vec<f32>,
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    max_v: Option<Vec<f32>>,
+}
+
+impl State {
+    /// Deterministic pseudo-random state of `n` elements, with m and v as after some steps.
+    fn random(n: usize, seed: u64, amsgrad: bool) -> Self {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut uniform = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let p = (0..n).map(|_| uniform()).collect();
+        let g = (0..n).map(|_| uniform() * 0.1).collect();
+        let m = (0..n).map(|_| uniform() * 0.01).collect();
+        let v: Vec<f32> = (0..n).map(|_| uniform().abs() * 1e-4).collect();
+        let max_v = amsgrad.then(|| v.iter().map(|x| x * 1.5).collect());
+        Self { p, g, m, v, max_v }
+    }
+
+    fn slices(&mut self) -> TensorSlices<'_> {
+        TensorSlices::new(
+            &mut self.p,
+            &self.g,
+            &mut self.m,
+            &mut self.v,
+            self.max_v.as_deref_mut(),
+        )
+        .unwrap()
+    }
+
+    fn bits(&self) -> Vec<u32> {
+        let all = [&self.p, &self.m, &self.v]
+            .into_iter()
+            .chain(self.max_v.as_ref());
+        all.flat_map(|xs| xs.iter().map(|x| x.to_bits())).collect()
+    }
+}
+
+fn hyperparams_strategy() -> impl Strategy<Value = Hyperparams> {
+    (
+        1u64..10_000,
+        0.0f64..0.1,
+        0.0f64..0.99,
+        0.9f64..0.9999,
+        1e-9f64..1e-3,
+        0.0f64..0.5,
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of(1.0f64..65536.0),
+    )
+        .prop_map(
+            |(
+                step,
+                learning_rate,
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+                torch,
+                maximize,
+                grad_scale,
+            )| {
+                Hyperparams {
+                    step,
+                    learning_rate,
+                    beta_1,
+                    beta_2,
+                    epsilon,
+                    weight_decay,
+                    epsilon_mode: if torch {
+                        EpsilonMode::Torch
+                    } else {
+                        EpsilonMode::Keras
+                    },
+                    maximize,
+                    grad_scale,
+                }
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn every_simd_level_matches_the_scalar_reference_bitwise(
+        n in 0usize..200, seed in any::<u64>(), amsgrad in any::<bool>(), hp in hyperparams_strategy()
+    ) {
+        let c = hp.constants().unwrap();
+        let mut reference = State::random(n, seed, amsgrad);
+        update_scalar(reference.slices(), &c);
+        for level in supported_levels() {
+            let mut state = State::random(n, seed, amsgrad);
+            simd::update(level, state.slices(), &c);
+            prop_assert_eq!(state.bits(), reference.bits(), "level {:?}", level);
+        }
+    }
+
+    #[test]
+    fn the_kernel_follows_a_float64_adamw(n in 1usize..64, seed in any::<u64>(), amsgrad in any::<bool>(),
+                                          hp in hyperparams_strategy()) {
+        let c = hp.constants().unwrap();
+        let before = State::random(n, seed, amsgrad);
+        let mut state = before.clone();
+        simd::update(simd::active_level().unwrap(), state.slices(), &c);
+        for i in 0..n {
+            let [p, m, v, max_v] = float64_adamw(&before, i, &hp);
+            let close = |a: f32, b: f64, what: &str| {
+                let tolerance = 1e-6 * b.abs().max(1e-6) + 1e-12;
+                assert!((a as f64 - b).abs() <= tolerance + 2e-6 * hp.learning_rate, "{what}[{i}]: {a} vs {b}");
+            };
+            close(state.p[i], p, "p");
+            close(state.m[i], m, "m");
+            close(state.v[i], v, "v");
+            if let Some(max) = &state.max_v {
+                close(max[i], max_v, "max_v");
+            }
+        }
+    }
+}
+
+/// AdamW for element `i`, in float64, written from the definitions.
+fn float64_adamw(s: &State, i: usize, hp: &Hyperparams) -> [f64; 4] {
+    let sign = if hp.maximize { -1.0 } else { 1.0 };
+    let g = sign * s.g[i] as f64 / hp.grad_scale.unwrap_or(1.0);
+    let m = hp.beta_1 * s.m[i] as f64 + (1.0 - hp.beta_1) * g;
+    let v = hp.beta_2 * s.v[i] as f64 + (1.0 - hp.beta_2) * g * g;
+    let v_hat = s.max_v.as_ref().map_or(v, |max| v.max(max[i] as f64));
+    let t = hp.step as f64;
+    let bias_correction_1 = 1.0 - hp.beta_1.powf(t);
+    let bias_correction_2 = 1.0 - hp.beta_2.powf(t);
+    let p = s.p[i] as f64 * (1.0 - hp.learning_rate * hp.weight_decay);
+    let update = match hp.epsilon_mode {
+        EpsilonMode::Keras => {
+            hp.learning_rate * bias_correction_2.sqrt() / bias_correction_1 * m
+                / (v_hat.sqrt() + hp.epsilon)
+        }
+        EpsilonMode::Torch => {
+            hp.learning_rate / bias_correction_1 * m
+                / (v_hat.sqrt() / bias_correction_2.sqrt() + hp.epsilon)
+        }
+    };
+    [p - update, m, v, v_hat]
+}
+
+fn constants() -> StepConstants {
+    Hyperparams {
+        step: 7,
+        learning_rate: 0.01,
+        weight_decay: 0.1,
+        ..Default::default()
+    }
+    .constants()
+    .unwrap()
+}
+
+/// Runs `adamw_step` over `state` cut at `cuts`.
+fn step_split(state: &mut State, cuts: &[usize]) {
+    let mut tensors = Vec::new();
+    let mut rest = state.slices();
+    let mut done = 0;
+    for &cut in cuts {
+        let (head, tail) = rest.split_at(cut - done);
+        tensors.push(head);
+        rest = tail;
+        done = cut;
+    }
+    tensors.push(rest);
+    adamw_step(tensors, &constants(), simd::active_level().unwrap());
+}
+
+#[test]
+fn results_do_not_depend_on_threads_or_on_the_split_into_tensors() {
+    // Large enough for the parallel path, with odd sizes so tails fall mid-chunk.
+    let n = 1_000_003;
+    let mut reference = State::random(n, 42, true);
+    update_scalar(reference.slices(), &constants());
+    let many_cuts: Vec<usize> = (1..1000).map(|i| i * 997 + i % 13).collect();
+    for threads in [1, 2, 3] {
+        set_num_threads(threads).unwrap();
+        for cuts in [
+            vec![],
+            vec![1],
+            vec![17, 500_000, 999_999],
+            many_cuts.clone(),
+        ] {
+            let mut state = State::random(n, 42, true);
+            step_split(&mut state, &cuts);
+            assert!(state == reference, "threads {threads}, {} cuts", cuts.len());
+        }
+    }
+}
+
+#[test]
+fn mismatched_lengths_are_refused() {
+    let (mut p, g, mut m, mut v) = (
+        vec![0.0f32; 4],
+        vec![0.0f32; 3],
+        vec![0.0f32; 4],
+        vec![0.0f32; 4],
+    );
+    let error = TensorSlices::new(&mut p, &g, &mut m, &mut v, None).unwrap_err();
+    assert_eq!(error.argument, "grads");
+    assert!(set_num_threads(0).is_err());
+}

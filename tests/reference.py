@@ -1,0 +1,59 @@
+"""A plain float64 NumPy AdamW, written from the definitions: the tests' reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ReferenceAdamW:
+    """AdamW over float64 copies of the parameters, one tensor at a time."""
+
+    params: list[np.ndarray]
+    learning_rate: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    weight_decay: float = 0.004
+    epsilon_mode: str = "keras"
+    amsgrad: bool = False
+    maximize: bool = False
+    step_count: int = 0
+    m: list[np.ndarray] = field(init=False)
+    v: list[np.ndarray] = field(init=False)
+    v_max: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [np.array(p, dtype=np.float64) for p in self.params]
+        self.m = [np.zeros_like(p) for p in self.params]
+        self.v = [np.zeros_like(p) for p in self.params]
+        self.v_max = [np.zeros_like(p) for p in self.params]
+
+    def step(self, grads: list[np.ndarray], grad_scale: float | None = None) -> None:
+        self.step_count += 1
+        t = self.step_count
+        lr, b1, b2, eps = self.learning_rate, self.beta_1, self.beta_2, self.epsilon
+        for i, grad in enumerate(grads):
+            g = np.asarray(grad, dtype=np.float64)
+            if grad_scale is not None:
+                g = g / grad_scale
+            if self.maximize:
+                g = -g
+            self.params[i] = self.params[i] - lr * self.weight_decay * self.params[i]
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+            v = self.v[i]
+            if self.amsgrad:
+                self.v_max[i] = np.maximum(self.v_max[i], v)
+                v = self.v_max[i]
+            bias_correction_1 = 1 - b1**t
+            bias_correction_2 = 1 - b2**t
+            if self.epsilon_mode == "keras":
+                alpha = lr * np.sqrt(bias_correction_2) / bias_correction_1
+                self.params[i] = self.params[i] - alpha * self.m[i] / (np.sqrt(v) + eps)
+            else:
+                m_hat = self.m[i] / bias_correction_1
+                v_hat = v / bias_correction_2
+                self.params[i] = self.params[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
