@@ -29,7 +29,7 @@ def forward(params, x):
 
 
 def gradients(params, x, y):
-    w1, _, w2, _ = params
+    _, _, w2, _ = params
     hidden, probs = forward(params, x)
     loss = -np.log(probs[np.arange(len(y)), y] + 1e-12).mean()
     d_logits = probs
@@ -68,8 +68,10 @@ def main():
             losses.append(loss)
         print(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}")
     accuracy = (forward(params, x_test)[1].argmax(1) == y_test).mean()
-    print(f"test accuracy {accuracy:.3f} after {optimizer.iterations} steps "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"test accuracy {accuracy:.3f} after {optimizer.iterations} steps "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
-//! `keras_adamw._core`: the PyO3 bindings. Every argument is checked, and every
-//! array borrowed, before the first element is written; the kernel then runs
-//! with the GIL released.
+//! `keras_adamw._core`: the PyO3 bindings. Every argument is checked before
+//! the first element is written; the kernel then runs with the GIL released.
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
@@ -239,6 +238,24 @@ impl<'py> StepArrays<'py> {
     }
 }
 
+/// `dict[name]` as a `T`, or a `TypeError` saying what `name` must be.
+fn dict_item<'py, T: for<'a> FromPyObject<'a, 'py>>(
+    dict: &Bound<'py, PyDict>,
+    name: &str,
+    kind: &str,
+) -> PyResult<T> {
+    let value = dict
+        .get_item(name)?
+        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
+    value.extract().map_err(|_| {
+        let type_name = value
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".into(), |n| n.to_string());
+        PyTypeError::new_err(format!("{name} must be {kind}, got {type_name}"))
+    })
+}
+
 /// The hyperparameters of one step, passed from Python as a dict.
 struct HyperparamsArg {
     step: i64,
@@ -256,34 +273,17 @@ impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
     type Error = PyErr;
 
     fn extract(dict: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
-        let dict = dict.cast::<PyDict>()?.to_owned();
-        let dict = &dict;
-        fn item<'py, T: for<'a> FromPyObject<'a, 'py>>(
-            dict: &Bound<'py, PyDict>,
-            name: &str,
-            kind: &str,
-        ) -> PyResult<T> {
-            let value = dict
-                .get_item(name)?
-                .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
-            value.extract().map_err(|_| {
-                let type_name = value
-                    .get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string());
-                PyTypeError::new_err(format!("{name} must be {kind}, got {type_name}"))
-            })
-        }
+        let dict = &dict.cast::<PyDict>()?.to_owned();
         Ok(Self {
-            step: item(dict, "step", "an int (the 1-based count of this update)")?,
-            learning_rate: item(dict, "learning_rate", "a number")?,
-            beta_1: item(dict, "beta_1", "a number")?,
-            beta_2: item(dict, "beta_2", "a number")?,
-            epsilon: item(dict, "epsilon", "a number")?,
-            weight_decay: item(dict, "weight_decay", "a number")?,
-            epsilon_mode: item(dict, "epsilon_mode", "a string")?,
-            maximize: item(dict, "maximize", "a bool")?,
-            grad_scale: item(dict, "grad_scale", "a number or None")?,
+            step: dict_item(dict, "step", "an int (the 1-based count of this update)")?,
+            learning_rate: dict_item(dict, "learning_rate", "a number")?,
+            beta_1: dict_item(dict, "beta_1", "a number")?,
+            beta_2: dict_item(dict, "beta_2", "a number")?,
+            epsilon: dict_item(dict, "epsilon", "a number")?,
+            weight_decay: dict_item(dict, "weight_decay", "a number")?,
+            epsilon_mode: dict_item(dict, "epsilon_mode", "a string")?,
+            maximize: dict_item(dict, "maximize", "a bool")?,
+            grad_scale: dict_item(dict, "grad_scale", "a number or None")?,
         })
     }
 }

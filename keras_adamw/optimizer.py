@@ -1,0 +1,374 @@
+"""`keras_adamw.AdamW`: AdamW for Keras 3 over backend-neutral `keras.ops`."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
+EPSILON_MODES = ("keras", "torch")
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+
+
+@keras.saving.register_keras_serializable(package="keras_adamw")
+class AdamW(keras.optimizers.Optimizer):
+    """AdamW with parameter groups, serializable decay exclusions and a
+    schedulable, decoupled weight decay; a drop-in for `keras.optimizers.AdamW`.
+
+    Per variable ``p`` with gradient ``g`` at step ``t`` (1-based), learning
+    rate ``lr_t`` (times the variable's ``lr_multipliers`` factor) and weight
+    decay ``wd_t`` (times its ``weight_decay_multipliers`` factor, 0 if
+    excluded)::
+
+        coupled:    p ← p − lr_t·wd_t·p                (Keras, torch)
+        decoupled:  p ← p − (lr_t/lr_peak)·wd_t·p      (the paper: only the schedule's shape)
+        m ← m + (1 − β₁)(g − m);  v ← v + (1 − β₂)(g² − v);  v̂ ← max(v̂, v) with AMSGrad
+        keras:  p ← p − lr_t·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v̂ + ε)
+        torch:  p ← p − lr_t/(1−β₁ᵗ) · m / (√v̂/√(1−β₂ᵗ) + ε)
+
+    Args:
+        learning_rate: a float, a `LearningRateSchedule`, or a callable taking
+            no arguments.
+        weight_decay: a float or a `LearningRateSchedule` (of the step). A
+            float is held in a variable, so assigning ``optimizer.weight_decay``
+            later takes effect inside compiled train steps too.
+        beta_1, beta_2, epsilon, amsgrad: as in `keras.optimizers.AdamW`.
+        epsilon_mode: ``"keras"`` (ε added to √v) or ``"torch"`` (ε added to √v̂).
+        weight_decay_mode: ``"coupled"`` or ``"decoupled"``; decoupled needs a
+            float learning rate or a schedule whose peak is known
+            (``peak_value``, ``warmup_target``, ``initial_learning_rate``).
+        exclude_from_weight_decay: regular expressions searched in each
+            ``variable.path``; matching variables are not decayed.
+        lr_multipliers, weight_decay_multipliers: ``{pattern: factor}``;
+            the first pattern found in ``variable.path`` gives its factor
+            (1 if none matches).
+        maximize: ascend instead of descend.
+        **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
+            ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
+            ``ema_overwrite_frequency``, ``loss_scale_factor``,
+            ``gradient_accumulation_steps``, ``name``).
+
+    Optimizer variables, in this fixed order (how a `.keras` file stores
+    them): ``iteration``, ``learning_rate`` (float learning rate only),
+    ``weight_decay`` (float weight decay only), then the base optimizer's
+    (EMA averages, gradient accumulators) when enabled, then ``momentum`` for
+    each trainable variable, ``velocity`` for each, and ``velocity_hat`` for
+    each (AMSGrad only).
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | LearningRateSchedule | Callable[[], Any] = 0.001,
+        weight_decay: float | LearningRateSchedule = 0.004,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        *,
+        epsilon_mode: str = "keras",
+        weight_decay_mode: str = "coupled",
+        exclude_from_weight_decay: Sequence[str] | None = None,
+        lr_multipliers: Mapping[str, float] | None = None,
+        weight_decay_multipliers: Mapping[str, float] | None = None,
+        maximize: bool = False,
+        name: str = "adamw",
+        **kwargs: Any,
+    ) -> None:
+        _check_learning_rate(learning_rate)
+        if _is_number(learning_rate):
+            learning_rate = float(learning_rate)  # the base class takes only a float
+        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        _check_in_range("beta_1", beta_1)
+        _check_in_range("beta_2", beta_2)
+        if not _is_number(epsilon) or not epsilon > 0 or not math.isfinite(epsilon):
+            raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+        _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
+        _check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.amsgrad = bool(amsgrad)
+        self.epsilon_mode = epsilon_mode
+        self.weight_decay_mode = weight_decay_mode
+        self.maximize = bool(maximize)
+        self._exclude_patterns = _compile_patterns(
+            "exclude_from_weight_decay", exclude_from_weight_decay or []
+        )
+        self._lr_multipliers = _compile_multipliers("lr_multipliers", lr_multipliers)
+        self._weight_decay_multipliers = _compile_multipliers(
+            "weight_decay_multipliers", weight_decay_multipliers
+        )
+        self._peak_learning_rate = (
+            _peak_learning_rate(learning_rate) if weight_decay_mode == "decoupled" else None
+        )
+        self._weight_decay = self._build_weight_decay(weight_decay)
+        # torch, and Keras on its torch backend, multiply by the float32 factor
+        # (1 − lr·wd); Keras elsewhere subtracts p·wd·lr. Float32 rounds the two
+        # apart by up to ~1e-6 over 100 steps, so follow the reference.
+        self._multiplicative_decay = epsilon_mode == "torch" or keras.backend.backend() == "torch"
+
+    # -- weight decay: a variable (float) or a schedule ------------------------
+
+    def _build_weight_decay(self, weight_decay):
+        if isinstance(weight_decay, LearningRateSchedule):
+            return weight_decay
+        _check_weight_decay(weight_decay)
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                float(weight_decay),
+                name="weight_decay",
+                dtype=keras.config.floatx(),
+                trainable=False,
+                aggregation="only_first_replica",
+            )
+        self._track_variable(variable)
+        return variable
+
+    @property
+    def weight_decay(self):
+        """The weight decay now: the variable's value, or the schedule at this step."""
+        if not hasattr(self, "_weight_decay"):
+            return None  # the base class reads it during its own __init__
+        if isinstance(self._weight_decay, LearningRateSchedule):
+            return self._weight_decay(
+                self._iterations
+            )  # as the base class calls a learning rate schedule
+        return self._weight_decay
+
+    @weight_decay.setter
+    def weight_decay(self, value):
+        if not hasattr(self, "_weight_decay"):
+            return  # the base class's __init__ sets None; ours builds the real one
+        if isinstance(self._weight_decay, LearningRateSchedule) or isinstance(
+            value, LearningRateSchedule
+        ):
+            raise TypeError(
+                "weight_decay can be reassigned only from a float to a float: the number "
+                "of optimizer variables must not change. Create a new optimizer to switch "
+                "between a float and a schedule."
+            )
+        _check_weight_decay(value)
+        self._weight_decay.assign(float(value))
+
+    # -- parameter groups -----------------------------------------------------
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Keras's method, kept for drop-in use: excludes ``var_list`` (by path)
+        and any variable whose path contains one of ``var_names`` (a regular
+        expression). Unlike Keras's, the exclusions are saved in the config."""
+        if self.built:
+            raise ValueError(
+                "exclude_from_weight_decay() must be called before the optimizer is built"
+            )
+        patterns = [f"^{re.escape(v.path)}$" for v in var_list or []] + list(var_names or [])
+        self._exclude_patterns += _compile_patterns("var_names", patterns)
+
+    def _factors_for(self, variable) -> tuple[float, float]:
+        """(lr factor, weight decay factor) for a Keras variable, from its path."""
+        path = variable.path
+        lr_factor = _first_match(self._lr_multipliers, path)
+        excluded = any(p.search(path) for p in self._exclude_patterns)
+        wd_factor = 0.0 if excluded else _first_match(self._weight_decay_multipliers, path)
+        return lr_factor, wd_factor
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        # Resolved here, where the variables still have their paths (TF's
+        # update_step sees raw tf.Variables); update_step looks them up by index.
+        self._variable_factors = [self._factors_for(v) for v in var_list]
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
+        if self.amsgrad:
+            self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+
+    # -- the update -------------------------------------------------------------
+
+    def _apply_weight_decay(self, variables):
+        """The base class decays before update_step; ours decays inside it."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        lr_factor, wd_factor = self._variable_factors[index]
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        if lr_factor != 1.0:
+            lr = lr * lr_factor
+        gradient = ops.cast(gradient, dtype)
+        if self.maximize:
+            gradient = ops.negative(gradient)
+        if wd_factor != 0.0:
+            self._decay(variable, lr, ops.cast(learning_rate, dtype), wd_factor)
+
+        local_step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            self.assign(v_hat, ops.maximum(v_hat, v))
+            v = v_hat
+        if self.epsilon_mode == "keras":
+            alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+            step = ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon))
+        else:
+            denominator = ops.sqrt(v) / ops.sqrt(1 - beta_2_power) + self.epsilon
+            step = ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator)
+        self.assign_sub(variable, step)
+
+    def _decay(self, variable, lr, schedule_lr, wd_factor):
+        """Weight decay before the Adam step, rounded as the reference rounds it.
+
+        ``lr`` is this variable's learning rate (its multiplier applied),
+        ``schedule_lr`` the optimizer's.
+        """
+        wd = ops.cast(self.weight_decay, variable.dtype)
+        if wd_factor != 1.0:
+            wd = wd * wd_factor
+        if self.weight_decay_mode == "coupled":
+            scale = lr
+        elif self._peak_learning_rate is None:
+            scale = 1.0  # a constant learning rate: its multiplier is 1 at every step
+        else:
+            scale = schedule_lr / self._peak_learning_rate
+        if self._multiplicative_decay:
+            self.assign(variable, variable * (1 - wd * scale))  # p·(1 − lr·wd)
+        else:
+            self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
+
+    # -- config -------------------------------------------------------------------
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        if isinstance(self._weight_decay, LearningRateSchedule):
+            weight_decay = keras.optimizers.schedules.serialize(self._weight_decay)
+        else:
+            weight_decay = float(ops.convert_to_numpy(self._weight_decay))
+        config.update(
+            {
+                "weight_decay": weight_decay,
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "epsilon_mode": self.epsilon_mode,
+                "weight_decay_mode": self.weight_decay_mode,
+                "exclude_from_weight_decay": [p.pattern for p in self._exclude_patterns],
+                "lr_multipliers": {p.pattern: f for p, f in self._lr_multipliers},
+                "weight_decay_multipliers": {
+                    p.pattern: f for p, f in self._weight_decay_multipliers
+                },
+                "maximize": self.maximize,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("weight_decay"), dict):
+            config["weight_decay"] = keras.saving.deserialize_keras_object(
+                config["weight_decay"], custom_objects=custom_objects
+            )
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+# -- argument checks ------------------------------------------------------------
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_in_range(name, value):
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_learning_rate(learning_rate):
+    if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
+        return
+    if not _is_number(learning_rate) or not math.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(
+            "learning_rate must be a finite number >= 0, a LearningRateSchedule or a callable, "
+            f"got {learning_rate!r}"
+        )
+
+
+def _check_weight_decay(weight_decay):
+    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(
+            "weight_decay must be a finite number >= 0 or a LearningRateSchedule, "
+            f"got {weight_decay!r}"
+        )
+
+
+def _compile_patterns(name, patterns):
+    if isinstance(patterns, str):
+        raise ValueError(f"{name} must be a list of regular expressions, not one string")
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{name}: pattern {pattern!r} is not a string")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"{name}: pattern {pattern!r} does not compile: {error}") from None
+    return compiled
+
+
+def _compile_multipliers(name, multipliers):
+    if multipliers is None:
+        return []
+    if not isinstance(multipliers, Mapping):
+        raise ValueError(
+            f"{name} must be a dict of {{pattern: factor}}, got {type(multipliers).__name__}"
+        )
+    compiled = []
+    for pattern, factor in multipliers.items():
+        if not _is_number(factor) or not math.isfinite(factor) or factor < 0:
+            raise ValueError(f"{name}[{pattern!r}] must be a finite number >= 0, got {factor!r}")
+        compiled.append((_compile_patterns(name, [pattern])[0], float(factor)))
+    return compiled
+
+
+def _first_match(multipliers, path) -> float:
+    return next((factor for pattern, factor in multipliers if pattern.search(path)), 1.0)
+
+
+def _peak_learning_rate(learning_rate) -> float:
+    """The learning rate the decoupled decay is measured against (None: a constant one)."""
+    if _is_number(learning_rate):
+        return None
+    else:
+        candidates = [
+            getattr(learning_rate, name, None)
+            for name in ("peak_value", "warmup_target", "initial_learning_rate")
+        ]
+        peak = next((c for c in candidates if _is_number(c)), None)
+        values = getattr(learning_rate, "values", None)
+        if peak is None and isinstance(values, (list, tuple)) and all(map(_is_number, values)):
+            peak = max(values)  # PiecewiseConstantDecay
+    if peak is None or not peak > 0:
+        raise ValueError(
+            'weight_decay_mode="decoupled" scales the decay by learning_rate / its peak, but '
+            f"the peak of {learning_rate!r} is not known (or not > 0): use a float or a schedule "
+            "with peak_value, warmup_target or initial_learning_rate"
+        )
+    return float(peak)

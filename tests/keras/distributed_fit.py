@@ -1,0 +1,79 @@
+"""Trains under a distribution strategy; run by test_distribution.py in a fresh
+process (device counts must be set before the backend starts).
+
+    python distributed_fit.py jax-data | jax-model | tf-mirrored
+
+Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
+under the same strategy, and what the slots' placement was.
+"""
+
+import json
+import os
+import sys
+
+mode = sys.argv[1]
+if mode.startswith("jax"):
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["KERAS_BACKEND"] = "jax"
+else:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras_helpers import make_data, make_model, weights  # noqa: E402
+
+from keras_adamw import AdamW  # noqa: E402
+
+
+def train(optimizer):
+    model = make_model()
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = make_data(400)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    return model
+
+
+def compare(make_ours, make_theirs):
+    ours, theirs = train(make_ours()), train(make_theirs())
+    difference = max(
+        np.abs(a - b).max() for a, b in zip(weights(ours), weights(theirs), strict=True)
+    )
+    return ours, float(difference)
+
+
+kwargs = dict(learning_rate=3e-3, weight_decay=0.05, amsgrad=True)
+report = {}
+if mode == "jax-data":
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    ours, report["difference"] = compare(
+        lambda: AdamW(**kwargs), lambda: keras.optimizers.AdamW(**kwargs)
+    )
+    report["devices"] = len(devices)
+elif mode == "jax-model":
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden/kernel"] = (None, "model")  # keys are full-matched
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map))
+    ours, report["difference"] = compare(
+        lambda: AdamW(**kwargs), lambda: keras.optimizers.AdamW(**kwargs)
+    )
+    kernel = ours.get_layer("hidden").kernel
+    slots = [v for v in ours.optimizer.variables if "hidden_kernel" in v.path]
+    report["kernel_sharding"] = str(kernel.value.sharding.spec)
+    report["slot_shardings"] = sorted({str(v.value.sharding.spec) for v in slots})
+    report["slots"] = len(slots)
+elif mode == "tf-mirrored":
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    with strategy.scope():
+        ours, report["difference"] = compare(
+            lambda: AdamW(**kwargs), lambda: keras.optimizers.AdamW(**kwargs)
+        )
+    report["replicas"] = strategy.num_replicas_in_sync
+print(json.dumps(report))

@@ -1,0 +1,54 @@
+"""Training under keras.distribution (JAX) and tf.distribute (TF), each in a
+fresh process with two simulated CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from keras_helpers import BACKEND
+
+HERE = Path(__file__).parent
+
+
+def run(mode, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+    out = subprocess.run(
+        [sys.executable, str(HERE / "distributed_fit.py"), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+jax_only = pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution runs on JAX")
+tf_only = pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute needs TensorFlow")
+
+
+@jax_only
+def test_data_parallel_matches_keras_adamw(tmp_path):
+    report = run("jax-data", tmp_path)
+    assert report["devices"] == 2
+    assert report["difference"] <= 1e-6
+
+
+@jax_only
+def test_model_parallel_slots_inherit_the_sharding(tmp_path):
+    report = run("jax-model", tmp_path)
+    assert report["difference"] <= 1e-6
+    assert report["slots"] == 3  # momentum, velocity, velocity_hat
+    assert report["slot_shardings"] == [report["kernel_sharding"]]
+    assert "model" in report["kernel_sharding"]
+
+
+@tf_only
+def test_mirrored_strategy_matches_keras_adamw(tmp_path):
+    report = run("tf-mirrored", tmp_path)
+    assert report["replicas"] == 2
+    assert report["difference"] <= 1e-6
