@@ -115,19 +115,19 @@ def test_the_gil_is_released_while_the_kernel_runs(restore_settings):
     assert ticks > 10_000, ticks
 
 
-def test_the_host_module_works_without_keras(tmp_path):
+def test_the_host_module_does_not_import_keras(tmp_path):
     code = (
-        "import sys; sys.modules['keras'] = None\n"  # any `import keras` now fails
+        "import sys\n"
         "import numpy as np, keras_adamw\n"
         "from keras_adamw import host\n"
         "p = np.ones(4, np.float32)\n"
         "host.adamw_update(p, p * 0.5, np.zeros(4, np.float32), np.zeros(4, np.float32),"
         " step=1, learning_rate=0.1)\n"
-        "print(hasattr(keras_adamw, 'AdamW'), float(p[0]))\n"
+        "print('keras' in sys.modules, float(p[0]))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
-    has_adamw, updated = out.stdout.split()
+    keras_imported, updated = out.stdout.split()
     # Adam's first step moves by lr (up to ε); the decay took lr·wd·p before it.
-    assert has_adamw == "False" and abs(float(updated) - (1 - 0.1 * 0.004 - 0.1)) < 1e-6
+    assert keras_imported == "False" and abs(float(updated) - (1 - 0.1 * 0.004 - 0.1)) < 1e-6
