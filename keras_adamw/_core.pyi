@@ -14,6 +14,8 @@ class Hyperparameters(TypedDict):
     epsilon: float
     weight_decay: float
     epsilon_mode: str
+    weight_decay_mode: str
+    decay_form: str | None
     maximize: bool
     grad_scale: float | None
 

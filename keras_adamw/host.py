@@ -7,7 +7,7 @@ and torch CPU float32 tensors (zero-copy), C-contiguous and writable.
 The update, for each element (``t`` = ``step``, ``g`` already divided by
 ``grad_scale`` and negated under ``maximize``)::
 
-    p ← p · (1 − lr·wd)                          # decay, before the Adam step
+    p ← p · (1 − lr·wd)                          # decay, before the Adam step (decoupled: 1 − wd)
     m ← m + (1 − β₁)(g − m)
     v ← v + (1 − β₂)(g² − v)
     v̂ ← max(v̂, v) with AMSGrad, else v
@@ -85,6 +85,8 @@ def adamw_update(
     epsilon: float = 1e-7,
     weight_decay: float = 0.004,
     epsilon_mode: str = "keras",
+    weight_decay_mode: str = "coupled",
+    decay_form: str | None = None,
     amsgrad_max: Any = None,
     maximize: bool = False,
     grad_scale: float | None = None,
@@ -98,6 +100,11 @@ def adamw_update(
         step: the 1-based count of this update (bias correction).
         epsilon_mode: ``"keras"`` (ε added to √v, as ``keras.optimizers.AdamW``)
             or ``"torch"`` (ε added to √v̂, as ``torch.optim.AdamW``).
+        weight_decay_mode: ``"coupled"`` (the decay rate is lr·wd, as Keras and
+            torch) or ``"decoupled"`` (the rate is ``weight_decay`` itself).
+        decay_form: how ``p·(1 − rate)`` is rounded: ``"subtract"`` (p − p·rate,
+            Keras on TF/JAX) or ``"multiply"`` (torch); default: as the
+            ``epsilon_mode``'s reference does.
         amsgrad_max: the running maxima of ``exp_avg_sqs`` (start at zero);
             passing them turns AMSGrad on.
         maximize: ascend the objective instead of descending it.
@@ -121,6 +128,8 @@ def adamw_update(
             "epsilon": epsilon,
             "weight_decay": weight_decay,
             "epsilon_mode": epsilon_mode,
+            "weight_decay_mode": weight_decay_mode,
+            "decay_form": decay_form,
             "maximize": bool(maximize),
             "grad_scale": grad_scale,
         },
@@ -149,6 +158,8 @@ class HostAdamW:
         epsilon: float = 1e-7,
         weight_decay: float | Callable[[int], float] = 0.004,
         epsilon_mode: str = "keras",
+        weight_decay_mode: str = "coupled",
+        decay_form: str | None = None,
         amsgrad: bool = False,
         maximize: bool = False,
     ) -> None:
@@ -164,6 +175,8 @@ class HostAdamW:
         self.epsilon = epsilon
         self.weight_decay = weight_decay
         self.epsilon_mode = epsilon_mode
+        self.weight_decay_mode = weight_decay_mode
+        self.decay_form = decay_form
         self.amsgrad = bool(amsgrad)
         self.maximize = maximize
         self.iterations = 0
@@ -184,6 +197,8 @@ class HostAdamW:
             "epsilon": self.epsilon,
             "weight_decay": value(self.weight_decay),
             "epsilon_mode": self.epsilon_mode,
+            "weight_decay_mode": self.weight_decay_mode,
+            "decay_form": self.decay_form,
             "maximize": bool(self.maximize),
         }
         _check_hyperparameters(hyperparameters)
@@ -263,6 +278,8 @@ _SCALAR_HYPERPARAMETERS = (
     "epsilon",
     "weight_decay",
     "epsilon_mode",
+    "weight_decay_mode",
+    "decay_form",
     "maximize",
 )
 

@@ -8,12 +8,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
+
+from keras_adamw import host
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
 EPSILON_MODES = ("keras", "torch")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+IMPLEMENTATIONS = ("auto", "ops", "host")
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -49,6 +53,11 @@ class AdamW(keras.optimizers.Optimizer):
             the first pattern found in ``variable.path`` gives its factor
             (1 if none matches).
         maximize: ascend instead of descend.
+        implementation: ``"ops"`` (keras.ops), ``"host"`` (the Rust kernel, in
+            place; the torch backend with float32 CPU variables) or ``"auto"``
+            (host where it runs, else ops).
+        offload_state: keep m, v (and v̂) as NumPy arrays in host memory
+            instead of Keras variables; the update runs in the host kernel.
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -57,9 +66,11 @@ class AdamW(keras.optimizers.Optimizer):
     Optimizer variables, in this fixed order (how a `.keras` file stores
     them): ``iteration``, ``learning_rate`` (float learning rate only),
     ``weight_decay`` (float weight decay only), then the base optimizer's
-    (EMA averages, gradient accumulators) when enabled, then ``momentum`` for
-    each trainable variable, ``velocity`` for each, and ``velocity_hat`` for
-    each (AMSGrad only).
+    (EMA averages, gradient accumulators) when enabled, then for each
+    trainable variable its ``momentum`` and ``velocity`` (interleaved, as in
+    Keras's Adam), then each ``velocity_hat`` (AMSGrad only). With
+    ``offload_state`` the slots are host arrays, saved after the Keras
+    variables: every momentum, every velocity, every velocity_hat.
     """
 
     def __init__(
@@ -77,6 +88,8 @@ class AdamW(keras.optimizers.Optimizer):
         lr_multipliers: Mapping[str, float] | None = None,
         weight_decay_multipliers: Mapping[str, float] | None = None,
         maximize: bool = False,
+        implementation: str = "auto",
+        offload_state: bool = False,
         name: str = "adamw",
         **kwargs: Any,
     ) -> None:
@@ -97,6 +110,14 @@ class AdamW(keras.optimizers.Optimizer):
         self.epsilon_mode = epsilon_mode
         self.weight_decay_mode = weight_decay_mode
         self.maximize = bool(maximize)
+        _check_choice("implementation", implementation, IMPLEMENTATIONS)
+        if offload_state and implementation == "ops":
+            raise ValueError(
+                "offload_state=True keeps the state in host memory: "
+                'it needs implementation="host" or "auto", not "ops"'
+            )
+        self.implementation = implementation
+        self.offload_state = bool(offload_state)
         self._exclude_patterns = _compile_patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay or []
         )
@@ -184,16 +205,40 @@ class AdamW(keras.optimizers.Optimizer):
         # Resolved here, where the variables still have their paths (TF's
         # update_step sees raw tf.Variables); update_step looks them up by index.
         self._variable_factors = [self._factors_for(v) for v in var_list]
-        self._momentums, self._velocities = self.add_optimizer_variables(
-            var_list, ["momentum", "velocity"]
-        )
+        self._on_host = self._resolve_implementation(var_list)
+        if self.offload_state:
+            # Host memory owned by the optimizer, not Keras variables.
+            slots = 3 if self.amsgrad else 2
+            state = [[np.zeros(v.shape, np.float32) for v in var_list] for _ in range(slots)]
+        else:  # Keras's Adam order: momentum and velocity interleaved, then velocity_hat
+            state = list(self.add_optimizer_variables(var_list, ["momentum", "velocity"]))
+            if self.amsgrad:
+                state.append(self.add_optimizer_variables(var_list, "velocity_hat"))
+        self._momentums, self._velocities = state[0], state[1]
         if self.amsgrad:
-            self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+            self._velocity_hats = state[2]
+
+    def _resolve_implementation(self, var_list) -> bool:
+        """Whether the update runs in the host kernel."""
+        reason = _host_unsupported_reason(var_list)
+        if self.implementation == "ops":
+            return False
+        if self.implementation == "auto" and not self.offload_state:
+            return reason is None
+        if reason is not None:
+            raise ValueError(f'implementation="host" and offload_state need {reason}')
+        return True
 
     # -- the update -------------------------------------------------------------
 
     def _apply_weight_decay(self, variables):
         """The base class decays before update_step; ours decays inside it."""
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if self._on_host:
+            self._host_update_step(grads, trainable_variables, learning_rate)
+        else:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -247,6 +292,71 @@ class AdamW(keras.optimizers.Optimizer):
         else:
             self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
 
+    def _host_update_step(self, grads, variables, learning_rate):
+        """One step in the Rust kernel, in place on the variables' memory: one
+        kernel call per parameter group (same lr and decay factors)."""
+        step = int(ops.convert_to_numpy(self.iterations)) + 1
+        lr = float(ops.convert_to_numpy(learning_rate))
+        wd = float(ops.convert_to_numpy(self.weight_decay))
+        groups = {}
+        for grad, variable in zip(grads, variables, strict=True):
+            index = self._get_variable_index(variable)
+            groups.setdefault(self._variable_factors[index], []).append((grad, variable, index))
+        for (lr_factor, wd_factor), members in groups.items():
+            mode, decay = self._host_decay(lr, wd, lr_factor, wd_factor)
+            indices = [index for _, _, index in members]
+            host.adamw_update(
+                [variable.value for _, variable, _ in members],
+                [_contiguous(grad) for grad, _, _ in members],
+                [_host_slot(self._momentums[i]) for i in indices],
+                [_host_slot(self._velocities[i]) for i in indices],
+                amsgrad_max=[_host_slot(self._velocity_hats[i]) for i in indices]
+                if self.amsgrad
+                else None,
+                step=step,
+                learning_rate=lr * lr_factor,
+                beta_1=self.beta_1,
+                beta_2=self.beta_2,
+                epsilon=self.epsilon,
+                weight_decay=decay,
+                epsilon_mode=self.epsilon_mode,
+                weight_decay_mode=mode,
+                decay_form="multiply" if self._multiplicative_decay else "subtract",
+                maximize=self.maximize,
+            )
+
+    def _host_decay(self, lr, wd, lr_factor, wd_factor):
+        """The kernel's (weight_decay_mode, weight_decay) for one parameter group."""
+        if self.weight_decay_mode == "decoupled":
+            peak = self._peak_learning_rate
+            return "decoupled", wd * wd_factor * (1.0 if peak is None else lr / peak)
+        return "coupled", wd * wd_factor
+
+    # -- offloaded state in .keras files -------------------------------------------
+
+    def _offloaded_state(self) -> list:
+        if not (self.built and self.offload_state):
+            return []
+        return [*self._momentums, *self._velocities, *(self._velocity_hats if self.amsgrad else [])]
+
+    def save_own_variables(self, store):
+        """Keras's variables by position, then the offloaded state in slot order."""
+        super().save_own_variables(store)
+        start = len(self.variables)
+        for i, array in enumerate(self._offloaded_state()):
+            store[str(start + i)] = array
+
+    def load_own_variables(self, store):
+        state = self._offloaded_state()
+        keras_count = len(self.variables)
+        if len(store.keys()) != keras_count + len(state):
+            super().load_own_variables(store)  # Keras warns and skips
+            return
+        keras_part = {str(i): store[str(i)] for i in range(keras_count)}
+        super().load_own_variables(keras_part)
+        for i, array in enumerate(state):
+            np.copyto(array, np.asarray(store[str(keras_count + i)], np.float32))
+
     # -- config -------------------------------------------------------------------
 
     def get_config(self) -> dict:
@@ -270,6 +380,8 @@ class AdamW(keras.optimizers.Optimizer):
                     p.pattern: f for p, f in self._weight_decay_multipliers
                 },
                 "maximize": self.maximize,
+                "implementation": self.implementation,
+                "offload_state": self.offload_state,
             }
         )
         return config
@@ -372,3 +484,29 @@ def _peak_learning_rate(learning_rate) -> float:
             "with peak_value, warmup_target or initial_learning_rate"
         )
     return float(peak)
+
+
+# -- the host path ------------------------------------------------------------------
+
+
+def _host_unsupported_reason(var_list) -> str | None:
+    """Why the host kernel cannot update these variables in place, or None."""
+    backend = keras.backend.backend()
+    if backend != "torch":
+        return f"the torch backend (the {backend} backend runs the ops path for now)"
+    for variable in var_list:
+        value = variable.value
+        if value.device.type != "cpu":
+            return f"variables in CPU memory ({variable.path} is on {value.device})"
+        if str(variable.dtype) != "float32":
+            return f"float32 variables ({variable.path} is {variable.dtype})"
+    return None
+
+
+def _host_slot(slot):
+    """A slot's memory: the torch tensor of a Keras variable, or an offloaded array."""
+    return slot if isinstance(slot, np.ndarray) else slot.value
+
+
+def _contiguous(tensor):
+    return tensor if tensor.is_contiguous() else tensor.contiguous()

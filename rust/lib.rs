@@ -16,7 +16,7 @@ pub mod parallel;
 mod python;
 pub mod simd;
 
-pub use math::{EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
+pub use math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 pub use parallel::adamw_step;
 pub use simd::SimdLevel;
 

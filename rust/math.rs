@@ -15,14 +15,69 @@ pub enum EpsilonMode {
 
 impl EpsilonMode {
     pub fn parse(name: &str) -> Result<Self, InvalidArgument> {
-        match name {
-            "keras" => Ok(Self::Keras),
-            "torch" => Ok(Self::Torch),
-            other => Err(InvalidArgument::new(
-                "epsilon_mode",
-                format!("must be \"keras\" or \"torch\", got {other:?}"),
-            )),
+        parse_choice(
+            "epsilon_mode",
+            name,
+            &[("keras", Self::Keras), ("torch", Self::Torch)],
+        )
+    }
+}
+
+/// What the weight decay's per-step rate is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecayMode {
+    /// `lr·wd`, as Keras and torch decay.
+    Coupled,
+    /// `wd` itself: the caller folds in any schedule (the paper's form).
+    Decoupled,
+}
+
+/// How the decay `p·(1 − rate)` is rounded in float32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecayForm {
+    /// `p − p·rate`, as Keras does on TensorFlow and JAX.
+    Subtract,
+    /// `p·(1 − rate)`, as torch (and Keras on its torch backend) does.
+    Multiply,
+}
+
+fn parse_choice<T: Copy>(
+    argument: &str,
+    name: &str,
+    choices: &[(&str, T)],
+) -> Result<T, InvalidArgument> {
+    match choices.iter().find(|(choice, _)| *choice == name) {
+        Some(&(_, value)) => Ok(value),
+        None => {
+            let names: Vec<String> = choices
+                .iter()
+                .map(|(choice, _)| format!("{choice:?}"))
+                .collect();
+            Err(InvalidArgument::new(
+                argument,
+                format!("must be {}, got {name:?}", names.join(" or ")),
+            ))
         }
+    }
+}
+
+impl DecayMode {
+    pub fn parse(name: &str) -> Result<Self, InvalidArgument> {
+        parse_choice(
+            "weight_decay_mode",
+            name,
+            &[("coupled", Self::Coupled), ("decoupled", Self::Decoupled)],
+        )
+    }
+}
+
+impl DecayForm {
+    pub fn parse(name: &str) -> Result<Self, InvalidArgument> {
+        parse_choice(
+            "decay_form",
+            name,
+            &[("subtract", Self::Subtract), ("multiply", Self::Multiply)],
+        )
     }
 }
 
@@ -61,6 +116,9 @@ pub struct Hyperparams {
     pub epsilon: f64,
     pub weight_decay: f64,
     pub epsilon_mode: EpsilonMode,
+    pub weight_decay_mode: DecayMode,
+    /// How the decay is rounded; `None` follows `epsilon_mode`'s reference.
+    pub decay_form: Option<DecayForm>,
     pub maximize: bool,
     /// Gradients are divided by this (a loss scale) in the same pass.
     pub grad_scale: Option<f64>,
@@ -77,6 +135,8 @@ impl Default for Hyperparams {
             epsilon: 1e-7,
             weight_decay: 0.004,
             epsilon_mode: EpsilonMode::Keras,
+            weight_decay_mode: DecayMode::Coupled,
+            decay_form: None,
             maximize: false,
             grad_scale: None,
         }
@@ -92,10 +152,10 @@ pub struct StepConstants {
     pub one_minus_beta_1: f32,
     pub one_minus_beta_2: f32,
     /// The decay before the Adam step is `p ← p·decay_scale + p·decay_delta`,
-    /// which is `p·(1-lr·wd)` rounded as each reference rounds it: torch
-    /// multiplies by the float32 factor (scale `1-lr·wd`, delta 0); Keras
-    /// subtracts `p·lr·wd` (scale 1, delta `-lr·wd`), which keeps the factor's
-    /// rounding from biasing every step the same way.
+    /// which is `p·(1-rate)` rounded as `DecayForm` says: multiplying by the
+    /// float32 factor (scale `1-rate`, delta 0), or subtracting `p·rate`
+    /// (scale 1, delta `-rate`), which keeps the factor's rounding from
+    /// biasing every step the same way.
     pub decay_scale: f32,
     pub decay_delta: f32,
     /// `lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, with the sign of a descent step folded in.
@@ -158,10 +218,17 @@ impl Hyperparams {
             // √v/√bc₂ + ε = (√v + ε·√bc₂)/√bc₂, and the 1/√bc₂ is in step_size.
             EpsilonMode::Torch => self.epsilon * sqrt_bias_correction_2,
         };
-        let decay = self.learning_rate * self.weight_decay;
-        let (decay_scale, decay_delta) = match self.epsilon_mode {
-            EpsilonMode::Keras => (1.0, -decay),
-            EpsilonMode::Torch => (1.0 - decay, 0.0),
+        let decay = match self.weight_decay_mode {
+            DecayMode::Coupled => self.learning_rate * self.weight_decay,
+            DecayMode::Decoupled => self.weight_decay,
+        };
+        let decay_form = self.decay_form.unwrap_or(match self.epsilon_mode {
+            EpsilonMode::Keras => DecayForm::Subtract,
+            EpsilonMode::Torch => DecayForm::Multiply,
+        });
+        let (decay_scale, decay_delta) = match decay_form {
+            DecayForm::Subtract => (1.0, -decay),
+            DecayForm::Multiply => (1.0 - decay, 0.0),
         };
         let sign = if self.maximize { -1.0 } else { 1.0 };
         let grad_multiplier = sign / self.grad_scale.unwrap_or(1.0);
@@ -348,6 +415,29 @@ mod tests {
         assert_eq!(
             EpsilonMode::parse("tf").unwrap_err().argument,
             "epsilon_mode"
+        );
+    }
+
+    #[test]
+    fn decoupled_decay_ignores_the_learning_rate_and_the_form_can_be_chosen() {
+        let hp = Hyperparams {
+            learning_rate: 0.5,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let decoupled = Hyperparams {
+            weight_decay_mode: DecayMode::Decoupled,
+            ..hp.clone()
+        };
+        assert_eq!(decoupled.constants().unwrap().decay_delta, -0.01f32);
+        let multiply = Hyperparams {
+            decay_form: Some(DecayForm::Multiply),
+            ..hp
+        };
+        let c = multiply.constants().unwrap();
+        assert_eq!(
+            (c.decay_scale, c.decay_delta),
+            ((1.0 - 0.005f64) as f32, 0.0)
         );
     }
 

@@ -2,7 +2,7 @@
 //! the first element is written; the kernel then runs with the GIL released.
 
 use crate::aliasing::{find_overlap, Region};
-use crate::math::{EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
+use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::{bandwidth, parallel, simd, TensorSlices};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
@@ -265,6 +265,8 @@ struct HyperparamsArg {
     epsilon: f64,
     weight_decay: f64,
     epsilon_mode: String,
+    weight_decay_mode: String,
+    decay_form: Option<String>,
     maximize: bool,
     grad_scale: Option<f64>,
 }
@@ -282,6 +284,8 @@ impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
             epsilon: dict_item(dict, "epsilon", "a number")?,
             weight_decay: dict_item(dict, "weight_decay", "a number")?,
             epsilon_mode: dict_item(dict, "epsilon_mode", "a string")?,
+            weight_decay_mode: dict_item(dict, "weight_decay_mode", "a string")?,
+            decay_form: dict_item(dict, "decay_form", "a string or None")?,
             maximize: dict_item(dict, "maximize", "a bool")?,
             grad_scale: dict_item(dict, "grad_scale", "a number or None")?,
         })
@@ -300,6 +304,12 @@ impl HyperparamsArg {
             epsilon: self.epsilon,
             weight_decay: self.weight_decay,
             epsilon_mode: EpsilonMode::parse(&self.epsilon_mode)?,
+            weight_decay_mode: DecayMode::parse(&self.weight_decay_mode)?,
+            decay_form: self
+                .decay_form
+                .as_deref()
+                .map(DecayForm::parse)
+                .transpose()?,
             maximize: self.maximize,
             grad_scale: self.grad_scale,
         };

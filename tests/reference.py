@@ -18,6 +18,7 @@ class ReferenceAdamW:
     epsilon: float = 1e-7
     weight_decay: float = 0.004
     epsilon_mode: str = "keras"
+    weight_decay_mode: str = "coupled"
     amsgrad: bool = False
     maximize: bool = False
     step_count: int = 0
@@ -41,7 +42,8 @@ class ReferenceAdamW:
                 g = g / grad_scale
             if self.maximize:
                 g = -g
-            self.params[i] = self.params[i] - lr * self.weight_decay * self.params[i]
+            rate = self.weight_decay * (lr if self.weight_decay_mode == "coupled" else 1.0)
+            self.params[i] = self.params[i] - rate * self.params[i]
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
             self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
             v = self.v[i]

@@ -4,7 +4,9 @@
 use keras_adamw_core::math::update_scalar;
 use keras_adamw_core::parallel::{adamw_step, set_num_threads};
 use keras_adamw_core::simd::{self, supported_levels};
-use keras_adamw_core::{EpsilonMode, Hyperparams, StepConstants, TensorSlices};
+use keras_adamw_core::{
+    DecayForm, DecayMode, EpsilonMode, Hyperparams, StepConstants, TensorSlices,
+};
 use proptest::prelude::*;
 
 /// State of one tensor: p, g, m, v, and the AMSGrad maxima.
@@ -65,6 +67,11 @@ fn hyperparams_strategy() -> impl Strategy<Value = Hyperparams> {
         any::<bool>(),
         any::<bool>(),
         prop::option::of(1.0f64..65536.0),
+        any::<bool>(),
+        prop::option::of(prop::sample::select(vec![
+            DecayForm::Subtract,
+            DecayForm::Multiply,
+        ])),
     )
         .prop_map(
             |(
@@ -77,6 +84,8 @@ fn hyperparams_strategy() -> impl Strategy<Value = Hyperparams> {
                 torch,
                 maximize,
                 grad_scale,
+                decoupled,
+                decay_form,
             )| {
                 Hyperparams {
                     step,
@@ -90,6 +99,12 @@ fn hyperparams_strategy() -> impl Strategy<Value = Hyperparams> {
                     } else {
                         EpsilonMode::Keras
                     },
+                    weight_decay_mode: if decoupled {
+                        DecayMode::Decoupled
+                    } else {
+                        DecayMode::Coupled
+                    },
+                    decay_form,
                     maximize,
                     grad_scale,
                 }
@@ -145,7 +160,11 @@ fn float64_adamw(s: &State, i: usize, hp: &Hyperparams) -> [f64; 4] {
     let t = hp.step as f64;
     let bias_correction_1 = 1.0 - hp.beta_1.powf(t);
     let bias_correction_2 = 1.0 - hp.beta_2.powf(t);
-    let p = s.p[i] as f64 * (1.0 - hp.learning_rate * hp.weight_decay);
+    let decay_rate = match hp.weight_decay_mode {
+        DecayMode::Coupled => hp.learning_rate * hp.weight_decay,
+        DecayMode::Decoupled => hp.weight_decay,
+    };
+    let p = s.p[i] as f64 * (1.0 - decay_rate);
     let update = match hp.epsilon_mode {
         EpsilonMode::Keras => {
             hp.learning_rate * bias_correction_2.sqrt() / bias_correction_1 * m

@@ -143,6 +143,13 @@ HYPER_CASES = [
     (dict(grad_scale=0.0), ValueError, "grad_scale must be a finite number > 0"),
     (dict(grad_scale=float("nan")), ValueError, "grad_scale must be a finite number > 0"),
     (dict(epsilon_mode="tf"), ValueError, 'epsilon_mode must be "keras" or "torch", got "tf"'),
+    (
+        dict(weight_decay_mode="paper"),
+        ValueError,
+        'weight_decay_mode must be "coupled" or "decoupled"',
+    ),
+    (dict(decay_form="fma"), ValueError, 'decay_form must be "subtract" or "multiply", got "fma"'),
+    (dict(decay_form=1), TypeError, "decay_form must be a string or None, got int"),
 ]
 
 

@@ -20,6 +20,7 @@ hyperparameters = st.fixed_dictionaries(
         "epsilon": st.floats(1e-8, 1e-3),
         "weight_decay": st.floats(0, 0.5),
         "epsilon_mode": st.sampled_from(["keras", "torch"]),
+        "weight_decay_mode": st.sampled_from(["coupled", "decoupled"]),
         "amsgrad": st.booleans(),
         "maximize": st.booleans(),
     }
@@ -28,13 +29,18 @@ hyperparameters = st.fixed_dictionaries(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    shapes=shapes, hyper=hyperparameters, seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 4)
+    shapes=shapes,
+    hyper=hyperparameters,
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(1, 4),
+    data=st.data(),
 )
-def test_any_shapes_and_hyperparameters_follow_the_reference(shapes, hyper, seed, steps):
+def test_any_shapes_and_hyperparameters_follow_the_reference(shapes, hyper, seed, steps, data):
     rng = np.random.default_rng(seed)
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     reference = ReferenceAdamW(params, **hyper)
-    optimizer = host.HostAdamW([p.copy() for p in params], **hyper)
+    decay_form = data.draw(st.sampled_from([None, "subtract", "multiply"]))  # rounding only
+    optimizer = host.HostAdamW([p.copy() for p in params], decay_form=decay_form, **hyper)
     for _ in range(steps):
         grads = [(rng.standard_normal(s) * 0.1).astype(np.float32) for s in shapes]
         reference.step(grads)

@@ -1,4 +1,8 @@
-"""keras_adamw.AdamW against keras.optimizers.AdamW: 100 steps of fit, every option."""
+"""keras_adamw.AdamW against keras.optimizers.AdamW: 100 steps of fit, every option.
+
+These test the keras.ops path (implementation="ops"); test_host_path.py holds
+the host kernel to the ops path.
+"""
 
 import pytest
 from keras_helpers import fit, keras, make_model, max_difference
@@ -32,7 +36,7 @@ CASES = {
 
 @pytest.mark.parametrize("kwargs", CASES.values(), ids=CASES.keys())
 def test_fit_matches_keras_adamw(kwargs):
-    ours = fit(AdamW(**kwargs))
+    ours = fit(AdamW(implementation="ops", **kwargs))
     theirs = fit(keras.optimizers.AdamW(**kwargs))
     assert max_difference(ours, theirs) <= TOLERANCE
 
@@ -42,7 +46,7 @@ def test_mixed_precision_matches_keras_adamw(policy):
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
-        ours = fit(AdamW(), model=make_model())
+        ours = fit(AdamW(implementation="ops"), model=make_model())
         theirs = fit(keras.optimizers.AdamW(), model=make_model())
         if policy == "mixed_float16":  # compile wraps the optimizer in a LossScaleOptimizer
             assert isinstance(ours.optimizer, keras.optimizers.LossScaleOptimizer)

@@ -1,0 +1,119 @@
+"""implementation="host" and offload_state: the Rust kernel inside keras_adamw.AdamW."""
+
+import numpy as np
+import pytest
+from keras_helpers import BACKEND, fit, keras, make_data, make_model, max_difference, weights
+
+from keras_adamw import AdamW
+from keras_adamw.schedules import WarmupCosineDecay
+
+on_torch = pytest.mark.skipif(BACKEND != "torch", reason="the host path runs on the torch backend")
+
+FEATURES = {
+    "plain": {},
+    "amsgrad, torch epsilon": dict(amsgrad=True, epsilon_mode="torch", epsilon=1e-8),
+    "schedule, decoupled": dict(
+        learning_rate=WarmupCosineDecay(3e-3, warmup_steps=10, decay_steps=90),
+        weight_decay=0.05,
+        weight_decay_mode="decoupled",
+    ),
+    "weight decay schedule": dict(weight_decay=WarmupCosineDecay(0.1, 0, 100)),
+    "groups": dict(
+        lr_multipliers={"out": 2.0, "norm": 0.5},
+        weight_decay_multipliers={"hidden": 3.0},
+        exclude_from_weight_decay=["bias"],
+        weight_decay=0.05,
+    ),
+    "clipping": dict(global_clipnorm=0.05),
+    "accumulation": dict(gradient_accumulation_steps=3),
+    "ema": dict(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=7),
+    "loss scale": dict(loss_scale_factor=64.0),
+    "maximize": dict(maximize=True, learning_rate=1e-4),
+}
+
+
+def apply_steps(optimizer, steps=100):
+    """`steps` updates with a fixed sequence of random gradients (no feedback
+    through a loss, so only the two paths' arithmetic can differ)."""
+    model = make_model()
+    variables = model.trainable_variables
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        grads = [rng.standard_normal(v.shape).astype("float32") * 0.1 for v in variables]
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+    return model
+
+
+@on_torch
+@pytest.mark.parametrize("kwargs", FEATURES.values(), ids=FEATURES.keys())
+@pytest.mark.parametrize("offload_state", [False, True])
+def test_host_path_matches_the_ops_path(kwargs, offload_state):
+    ops_optimizer = AdamW(implementation="ops", **kwargs)
+    host_optimizer = AdamW(implementation="host", offload_state=offload_state, **kwargs)
+    ops, on_host = apply_steps(ops_optimizer), apply_steps(host_optimizer)
+    assert host_optimizer._on_host and not ops_optimizer._on_host
+    assert max_difference(on_host, ops) <= 1e-6
+
+
+@on_torch
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_host_path_trains_under_fit_like_the_ops_path(policy):
+    """Under fit, rounding differences of any two float32 implementations grow
+    through the loss; they stay small. mixed_float16 wraps the optimizer in a
+    LossScaleOptimizer, which hands the host path unscaled gradients."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        ops = fit(AdamW(implementation="ops", weight_decay=0.05), model=make_model())
+        on_host = fit(AdamW(offload_state=True, weight_decay=0.05), model=make_model())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    inner = getattr(on_host.optimizer, "inner_optimizer", on_host.optimizer)
+    assert inner._on_host
+    assert max_difference(on_host, ops) <= 1e-5
+
+
+@on_torch
+def test_auto_picks_the_host_kernel_for_cpu_float32_variables():
+    model = fit(AdamW(), steps=2)
+    assert model.optimizer._on_host
+
+
+@on_torch
+def test_offloaded_state_is_not_a_keras_variable_yet_is_saved_exactly(tmp_path):
+    x, y = make_data(400)
+    kwargs = dict(amsgrad=True, offload_state=True, learning_rate=3e-3)
+    straight = make_model()
+    straight.compile(optimizer=AdamW(**kwargs), loss="mse")
+    straight.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    first = make_model()
+    first.compile(optimizer=AdamW(**kwargs), loss="mse")
+    first.fit(x[:200], y[:200], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    slot_names = ("momentum", "velocity", "velocity_hat")
+    assert not [v.path for v in first.optimizer.variables if any(s in v.path for s in slot_names)]
+    assert all(isinstance(m, np.ndarray) for m in first.optimizer._momentums)
+    first.save(tmp_path / "offloaded.keras")
+
+    resumed = keras.saving.load_model(tmp_path / "offloaded.keras")
+    for a, b in zip(resumed.optimizer._velocity_hats, first.optimizer._velocity_hats, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.any(a)
+    resumed.fit(x[200:], y[200:], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(weights(resumed), weights(straight), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="the torch backend has the host path")
+def test_host_path_elsewhere_is_refused_clearly_and_auto_runs_ops():
+    for kwargs in (dict(implementation="host"), dict(offload_state=True)):
+        with pytest.raises(ValueError, match=f"need the torch backend \\(the {BACKEND} backend"):
+            fit(AdamW(**kwargs), steps=1)
+    assert not fit(AdamW(), steps=1).optimizer._on_host
+
+
+def test_bad_implementation_arguments():
+    with pytest.raises(ValueError, match="implementation must be one of 'auto', 'ops', 'host'"):
+        AdamW(implementation="rust")
+    with pytest.raises(ValueError, match="offload_state=True keeps the state in host memory"):
+        AdamW(implementation="ops", offload_state=True)
