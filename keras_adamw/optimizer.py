@@ -53,9 +53,9 @@ class AdamW(keras.optimizers.Optimizer):
             the first pattern found in ``variable.path`` gives its factor
             (1 if none matches).
         maximize: ascend instead of descend.
-        implementation: ``"ops"`` (keras.ops), ``"host"`` (the Rust kernel, in
-            place; the torch backend with float32 CPU variables) or ``"auto"``
-            (host where it runs, else ops).
+        implementation: ``"ops"`` (keras.ops), ``"host"`` (the Rust kernel: in
+            place on torch with float32 CPU variables; a host callback on JAX)
+            or ``"auto"`` (host on torch, ops elsewhere).
         offload_state: keep m, v (and v̂) as NumPy arrays in host memory
             instead of Keras variables; the update runs in the host kernel.
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
@@ -129,10 +129,11 @@ class AdamW(keras.optimizers.Optimizer):
             _peak_learning_rate(learning_rate) if weight_decay_mode == "decoupled" else None
         )
         self._weight_decay = self._build_weight_decay(weight_decay)
-        # torch, and Keras on its torch backend, multiply by the float32 factor
-        # (1 − lr·wd); Keras elsewhere subtracts p·wd·lr. Float32 rounds the two
-        # apart by up to ~1e-6 over 100 steps, so follow the reference.
-        self._multiplicative_decay = epsilon_mode == "torch" or keras.backend.backend() == "torch"
+        # Keras on its torch backend multiplies by the float32 factor (1 − lr·wd);
+        # elsewhere it subtracts p·wd·lr (and XLA may rewrite a product into
+        # that). Float32 rounds the two apart by up to ~1e-6 over 100 steps, so
+        # both paths follow what Keras does on this backend.
+        self._multiplicative_decay = keras.backend.backend() == "torch"
 
     # -- weight decay: a variable (float) or a schedule ------------------------
 
@@ -224,7 +225,8 @@ class AdamW(keras.optimizers.Optimizer):
         if self.implementation == "ops":
             return False
         if self.implementation == "auto" and not self.offload_state:
-            return reason is None
+            # Measured faster on torch (in place); JAX's callbacks copy (benchmarks/).
+            return reason is None and keras.backend.backend() == "torch"
         if reason is not None:
             raise ValueError(f'implementation="host" and offload_state need {reason}')
         return True
@@ -293,26 +295,104 @@ class AdamW(keras.optimizers.Optimizer):
             self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
 
     def _host_update_step(self, grads, variables, learning_rate):
-        """One step in the Rust kernel, in place on the variables' memory: one
-        kernel call per parameter group (same lr and decay factors)."""
-        step = int(ops.convert_to_numpy(self.iterations)) + 1
-        lr = float(ops.convert_to_numpy(learning_rate))
-        wd = float(ops.convert_to_numpy(self.weight_decay))
+        """One step in the Rust kernel. On torch it updates the variables'
+        memory in place; inside JAX's compiled step it runs in a host callback
+        that gets copies and returns the new values."""
+        indices = [self._get_variable_index(v) for v in variables]
+        if keras.backend.backend() == "jax":
+            return self._jax_host_update_step(grads, variables, learning_rate, indices)
+        self._run_kernel(
+            int(ops.convert_to_numpy(self.iterations)) + 1,
+            float(ops.convert_to_numpy(learning_rate)),
+            float(ops.convert_to_numpy(self.weight_decay)),
+            indices,
+            [variable.value for variable in variables],
+            [_contiguous(grad) for grad in grads],
+            self._slots(indices, _host_slot),
+        )
+
+    def _slots(self, indices, view):
+        """(momenta, velocities, velocity_hats or None) of these variables, through `view`."""
+        slots = [self._momentums, self._velocities] + (
+            [self._velocity_hats] if self.amsgrad else []
+        )
+        picked = [[view(slot[i]) for i in indices] for slot in slots]
+        return picked[0], picked[1], picked[2] if self.amsgrad else None
+
+    def _jax_host_update_step(self, grads, variables, learning_rate, indices):
+        import jax
+        from jax.experimental import io_callback
+
+        def shapes(values):
+            return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in values]
+
+        scalars = [
+            ops.convert_to_tensor(x)
+            for x in (self.iterations + 1, learning_rate, self.weight_decay)
+        ]
+        params = [variable.value for variable in variables]
+        if self.offload_state:
+            # The state stays in host arrays the callback updates: only the
+            # parameters and gradients cross, as in ZeRO-Offload. JAX computes
+            # the update on every step and discards it between accumulation
+            # boundaries; host state must not see those steps.
+            accumulation = self.gradient_accumulation_steps
+            applies = (self._iterations + 1) % accumulation == 0 if accumulation else True
+
+            def offloaded(applies, step, lr, wd, params, grads):
+                params = [np.array(p) for p in params]  # writable copies
+                if applies:
+                    grads = [np.asarray(g) for g in grads]
+                    slots = self._slots(indices, _host_slot)
+                    self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, slots)
+                return params
+
+            new_params = io_callback(
+                offloaded,
+                shapes(params),
+                ops.convert_to_tensor(applies),
+                *scalars,
+                params,
+                grads,
+                ordered=True,
+            )
+            new_slots = []
+        else:
+            slot_variables = [x for slot in self._slots(indices, lambda v: v) if slot for x in slot]
+
+            def copied(step, lr, wd, params, grads, slots):
+                params, slots = [np.array(p) for p in params], [np.array(x) for x in slots]
+                grads = [np.asarray(g) for g in grads]
+                n = len(params)
+                state = slots[:n], slots[n : 2 * n], slots[2 * n :] if self.amsgrad else None
+                self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, state)
+                return params, slots
+
+            slot_values = [v.value for v in slot_variables]
+            new_params, new_slots = jax.pure_callback(
+                copied, (shapes(params), shapes(slot_values)), *scalars, params, grads, slot_values
+            )
+        for variable, value in zip(variables, new_params, strict=True):
+            variable.assign(value)
+        for variable, value in zip(slot_variables if new_slots else [], new_slots, strict=True):
+            variable.assign(value)
+
+    def _run_kernel(self, step, lr, wd, indices, params, grads, slots):
+        """The host kernel over aligned lists, one call per parameter group."""
+        momenta, velocities, velocity_hats = slots
         groups = {}
-        for grad, variable in zip(grads, variables, strict=True):
-            index = self._get_variable_index(variable)
-            groups.setdefault(self._variable_factors[index], []).append((grad, variable, index))
-        for (lr_factor, wd_factor), members in groups.items():
+        for position, index in enumerate(indices):
+            groups.setdefault(self._variable_factors[index], []).append(position)
+        for (lr_factor, wd_factor), positions in groups.items():
             mode, decay = self._host_decay(lr, wd, lr_factor, wd_factor)
-            indices = [index for _, _, index in members]
             host.adamw_update(
-                [variable.value for _, variable, _ in members],
-                [_contiguous(grad) for grad, _, _ in members],
-                [_host_slot(self._momentums[i]) for i in indices],
-                [_host_slot(self._velocities[i]) for i in indices],
-                amsgrad_max=[_host_slot(self._velocity_hats[i]) for i in indices]
-                if self.amsgrad
-                else None,
+                [params[k] for k in positions],
+                [grads[k] for k in positions],
+                [momenta[k] for k in positions],
+                [velocities[k] for k in positions],
+                amsgrad_max=None
+                if velocity_hats is None
+                else [velocity_hats[k] for k in positions],
                 step=step,
                 learning_rate=lr * lr_factor,
                 beta_1=self.beta_1,
@@ -490,16 +570,15 @@ def _peak_learning_rate(learning_rate) -> float:
 
 
 def _host_unsupported_reason(var_list) -> str | None:
-    """Why the host kernel cannot update these variables in place, or None."""
+    """Why the host kernel cannot update these variables, or None."""
     backend = keras.backend.backend()
-    if backend != "torch":
-        return f"the torch backend (the {backend} backend runs the ops path for now)"
+    if backend == "tensorflow":
+        return "the torch or JAX backend (TensorFlow runs the ops path for now)"
     for variable in var_list:
-        value = variable.value
-        if value.device.type != "cpu":
-            return f"variables in CPU memory ({variable.path} is on {value.device})"
         if str(variable.dtype) != "float32":
             return f"float32 variables ({variable.path} is {variable.dtype})"
+        if backend == "torch" and variable.value.device.type != "cpu":
+            return f"variables in CPU memory ({variable.path} is on {variable.value.device})"
     return None
 
 

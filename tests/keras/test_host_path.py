@@ -7,7 +7,10 @@ from keras_helpers import BACKEND, fit, keras, make_data, make_model, max_differ
 from keras_adamw import AdamW
 from keras_adamw.schedules import WarmupCosineDecay
 
-on_torch = pytest.mark.skipif(BACKEND != "torch", reason="the host path runs on the torch backend")
+on_torch = pytest.mark.skipif(BACKEND != "torch", reason="runs on the torch backend")
+host_capable = pytest.mark.skipif(
+    BACKEND == "tensorflow", reason="the host path runs on the torch and JAX backends"
+)
 
 FEATURES = {
     "plain": {},
@@ -34,17 +37,35 @@ FEATURES = {
 
 def apply_steps(optimizer, steps=100):
     """`steps` updates with a fixed sequence of random gradients (no feedback
-    through a loss, so only the two paths' arithmetic can differ)."""
+    through a loss, so only the two paths' arithmetic can differ), run as the
+    backend's trainer runs them (jitted stateless_apply on JAX)."""
     model = make_model()
     variables = model.trainable_variables
     rng = np.random.default_rng(0)
-    for _ in range(steps):
-        grads = [rng.standard_normal(v.shape).astype("float32") * 0.1 for v in variables]
-        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+    sequence = [
+        [
+            keras.ops.convert_to_tensor(rng.standard_normal(v.shape).astype("float32") * 0.1)
+            for v in variables
+        ]
+        for _ in range(steps)
+    ]
+    if BACKEND != "jax":
+        for grads in sequence:
+            optimizer.apply(grads, variables)
+        return model
+    import jax
+
+    optimizer.build(variables)
+    apply = jax.jit(optimizer.stateless_apply)
+    state, values = [v.value for v in optimizer.variables], [v.value for v in variables]
+    for grads in sequence:
+        values, state = apply(state, grads, values)
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
     return model
 
 
-@on_torch
+@host_capable
 @pytest.mark.parametrize("kwargs", FEATURES.values(), ids=FEATURES.keys())
 @pytest.mark.parametrize("offload_state", [False, True])
 def test_host_path_matches_the_ops_path(kwargs, offload_state):
@@ -55,7 +76,7 @@ def test_host_path_matches_the_ops_path(kwargs, offload_state):
     assert max_difference(on_host, ops) <= 1e-6
 
 
-@on_torch
+@host_capable
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_host_path_trains_under_fit_like_the_ops_path(policy):
     """Under fit, rounding differences of any two float32 implementations grow
@@ -79,7 +100,7 @@ def test_auto_picks_the_host_kernel_for_cpu_float32_variables():
     assert model.optimizer._on_host
 
 
-@on_torch
+@host_capable
 def test_offloaded_state_is_not_a_keras_variable_yet_is_saved_exactly(tmp_path):
     x, y = make_data(400)
     kwargs = dict(amsgrad=True, offload_state=True, learning_rate=3e-3)
@@ -104,11 +125,15 @@ def test_offloaded_state_is_not_a_keras_variable_yet_is_saved_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="the torch backend has the host path")
-def test_host_path_elsewhere_is_refused_clearly_and_auto_runs_ops():
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow has no host path yet")
+def test_host_path_on_tensorflow_is_refused_clearly():
     for kwargs in (dict(implementation="host"), dict(offload_state=True)):
-        with pytest.raises(ValueError, match=f"need the torch backend \\(the {BACKEND} backend"):
+        with pytest.raises(ValueError, match="need the torch or JAX backend"):
             fit(AdamW(**kwargs), steps=1)
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="auto picks the host path on torch")
+def test_auto_runs_the_ops_path_off_torch():
     assert not fit(AdamW(), steps=1).optimizer._on_host
 
 
