@@ -4,10 +4,10 @@
     python benchmarks/keras_step.py --backends torch --sizes 16M --reps 3
 
 Per backend, in one process and interleaved step by step: keras.optimizers.AdamW,
-keras_adamw.AdamW on the ops path, and (where it runs) on the host kernel, with
-and without offloaded state. The step runs as the trainer runs it: TensorFlow
-in a tf.function (XLA), JAX jitted through stateless_apply with donated state,
-torch eagerly. Then one epoch of `fit` of an embedding-heavy model. Median ms.
+keras_adamw.AdamW on the ops path, and on the host kernel (torch: in place;
+JAX: through host callbacks), with and without offloaded state. The step runs
+as the trainer runs it: TensorFlow in a tf.function (XLA), JAX jitted through
+stateless_apply with donated state, torch eagerly. Then one epoch of `fit` of an embedding-heavy model. Median ms.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def contenders(backend):
         "keras.optimizers.AdamW": lambda: keras.optimizers.AdamW(),
         "keras_adamw ops": lambda: AdamW(implementation="ops"),
     }
-    if backend == "torch":
+    if backend in ("torch", "jax"):
         made["keras_adamw host"] = lambda: AdamW(implementation="host")
         made["keras_adamw host, offloaded"] = lambda: AdamW(offload_state=True)
     return made
