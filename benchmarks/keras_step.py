@@ -7,7 +7,8 @@ Per backend, in one process and interleaved step by step: keras.optimizers.AdamW
 keras_adamw.AdamW on the ops path, and on the host kernel (torch: in place;
 JAX: through host callbacks), with and without offloaded state. The step runs
 as the trainer runs it: TensorFlow in a tf.function (XLA), JAX jitted through
-stateless_apply with donated state, torch eagerly. Then one epoch of `fit` of an embedding-heavy model. Median ms.
+stateless_apply with donated state, torch eagerly. Then one epoch of `fit` of
+an embedding-heavy model. Median ms.
 """
 
 from __future__ import annotations
