@@ -158,9 +158,8 @@ class AdamW(keras.optimizers.Optimizer):
         if not hasattr(self, "_weight_decay"):
             return None  # the base class reads it during its own __init__
         if isinstance(self._weight_decay, LearningRateSchedule):
-            return self._weight_decay(
-                self._iterations
-            )  # as the base class calls a learning rate schedule
+            # Called as the base class calls a learning rate schedule.
+            return self._weight_decay(self._iterations)
         return self._weight_decay
 
     @weight_decay.setter
@@ -283,16 +282,21 @@ class AdamW(keras.optimizers.Optimizer):
         wd = ops.cast(self.weight_decay, variable.dtype)
         if wd_factor != 1.0:
             wd = wd * wd_factor
-        if self.weight_decay_mode == "coupled":
-            scale = lr
-        elif self._peak_learning_rate is None:
-            scale = 1.0  # a constant learning rate: its multiplier is 1 at every step
-        else:
-            scale = schedule_lr / self._peak_learning_rate
+        scale = self._decay_scale(lr, schedule_lr)
         if self._multiplicative_decay:
             self.assign(variable, variable * (1 - wd * scale))  # p·(1 − lr·wd)
         else:
             self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
+
+    def _decay_scale(self, lr, schedule_lr):
+        """What multiplies the weight decay in its rate, on either path: the
+        variable's learning rate (coupled), or the schedule's multiplier
+        lr_t/lr_peak (decoupled; 1 for a constant learning rate)."""
+        if self.weight_decay_mode == "coupled":
+            return lr
+        if self._peak_learning_rate is None:
+            return 1.0
+        return schedule_lr / self._peak_learning_rate
 
     def _host_update_step(self, grads, variables, learning_rate):
         """One step in the Rust kernel. On torch it updates the variables'
@@ -311,12 +315,13 @@ class AdamW(keras.optimizers.Optimizer):
             self._slots(indices, _host_slot),
         )
 
+    def _slot_lists(self) -> list:
+        """[momenta, velocities] and, with AMSGrad, velocity_hats: one entry per variable."""
+        return [self._momentums, self._velocities] + ([self._velocity_hats] if self.amsgrad else [])
+
     def _slots(self, indices, view):
         """(momenta, velocities, velocity_hats or None) of these variables, through `view`."""
-        slots = [self._momentums, self._velocities] + (
-            [self._velocity_hats] if self.amsgrad else []
-        )
-        picked = [[view(slot[i]) for i in indices] for slot in slots]
+        picked = [[view(slot[i]) for i in indices] for slot in self._slot_lists()]
         return picked[0], picked[1], picked[2] if self.amsgrad else None
 
     def _jax_host_update_step(self, grads, variables, learning_rate, indices):
@@ -356,9 +361,9 @@ class AdamW(keras.optimizers.Optimizer):
                 grads,
                 ordered=True,
             )
-            new_slots = []
+            slot_variables, new_slots = [], []
         else:
-            slot_variables = [x for slot in self._slots(indices, lambda v: v) if slot for x in slot]
+            slot_variables = [slot[i] for slot in self._slot_lists() for i in indices]
 
             def copied(step, lr, wd, params, grads, slots):
                 params, slots = [np.array(p) for p in params], [np.array(x) for x in slots]
@@ -374,7 +379,7 @@ class AdamW(keras.optimizers.Optimizer):
             )
         for variable, value in zip(variables, new_params, strict=True):
             variable.assign(value)
-        for variable, value in zip(slot_variables if new_slots else [], new_slots, strict=True):
+        for variable, value in zip(slot_variables, new_slots, strict=True):
             variable.assign(value)
 
     def _run_kernel(self, step, lr, wd, indices, params, grads, slots):
@@ -384,7 +389,8 @@ class AdamW(keras.optimizers.Optimizer):
         for position, index in enumerate(indices):
             groups.setdefault(self._variable_factors[index], []).append(position)
         for (lr_factor, wd_factor), positions in groups.items():
-            mode, decay = self._host_decay(lr, wd, lr_factor, wd_factor)
+            # The decay's whole per-step rate, as the ops path forms it.
+            decay = wd * wd_factor * self._decay_scale(lr * lr_factor, lr)
             host.adamw_update(
                 [params[k] for k in positions],
                 [grads[k] for k in positions],
@@ -400,24 +406,17 @@ class AdamW(keras.optimizers.Optimizer):
                 epsilon=self.epsilon,
                 weight_decay=decay,
                 epsilon_mode=self.epsilon_mode,
-                weight_decay_mode=mode,
+                weight_decay_mode="decoupled",
                 decay_form="multiply" if self._multiplicative_decay else "subtract",
                 maximize=self.maximize,
             )
-
-    def _host_decay(self, lr, wd, lr_factor, wd_factor):
-        """The kernel's (weight_decay_mode, weight_decay) for one parameter group."""
-        if self.weight_decay_mode == "decoupled":
-            peak = self._peak_learning_rate
-            return "decoupled", wd * wd_factor * (1.0 if peak is None else lr / peak)
-        return "coupled", wd * wd_factor
 
     # -- offloaded state in .keras files -------------------------------------------
 
     def _offloaded_state(self) -> list:
         if not (self.built and self.offload_state):
             return []
-        return [*self._momentums, *self._velocities, *(self._velocity_hats if self.amsgrad else [])]
+        return [array for slot in self._slot_lists() for array in slot]
 
     def save_own_variables(self, store):
         """Keras's variables by position, then the offloaded state in slot order."""
