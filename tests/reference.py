@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# keras/src/optimizers/adamw_test.py, test_correctness_with_golden: the weights
+# before each of five steps (lr 1, wd 0.5, ε 2; a first step with gradients 0.01).
+KERAS_GOLDEN_FIVE_STEPS = np.array(
+    [
+        [0.4998] * 10,
+        [0.2486, 0.2475, 0.2463, 0.2451, 0.244, 0.2428, 0.2417, 0.2405, 0.2394, 0.2382],
+        [0.1223, 0.1198, 0.1174, 0.1149, 0.1124, 0.11, 0.1075, 0.1051, 0.1027, 0.1003],
+        [0.0586, 0.0549, 0.0512, 0.0475, 0.0439, 0.0402, 0.0366, 0.033, 0.0294, 0.0258],
+        [0.0263, 0.0215, 0.0167, 0.012, 0.0073, 0.0026, -0.0021, -0.0067, -0.0113, -0.0159],
+    ]
+)
+
 
 @dataclass
 class ReferenceAdamW:

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from keras_helpers import fit, keras, make_model
+from reference import KERAS_GOLDEN_FIVE_STEPS
 
 from keras_adamw import AdamW
 from keras_adamw.schedules import WarmupCosineDecay, WarmupLinearDecay
@@ -99,20 +100,11 @@ def test_keras_golden_values():
         keras.ops.convert_to_numpy(variable), [0.4980, 1.4960, 2.494, 3.492], atol=1e-4
     )
 
-    golden = np.array(
-        [
-            [0.4998] * 10,
-            [0.2486, 0.2475, 0.2463, 0.2451, 0.244, 0.2428, 0.2417, 0.2405, 0.2394, 0.2382],
-            [0.1223, 0.1198, 0.1174, 0.1149, 0.1124, 0.11, 0.1075, 0.1051, 0.1027, 0.1003],
-            [0.0586, 0.0549, 0.0512, 0.0475, 0.0439, 0.0402, 0.0366, 0.033, 0.0294, 0.0258],
-            [0.0263, 0.0215, 0.0167, 0.012, 0.0073, 0.0026, -0.0021, -0.0067, -0.0113, -0.0159],
-        ]
-    )
     optimizer = AdamW(learning_rate=1.0, weight_decay=0.5, epsilon=2.0)
     x = keras.Variable(np.ones(10, np.float32))
     optimizer.apply_gradients([(keras.ops.full((10,), 0.01), x)])
     grads = keras.ops.convert_to_tensor(np.arange(0.1, 1.1, 0.1).astype(np.float32))
-    for expected in golden:
+    for expected in KERAS_GOLDEN_FIVE_STEPS:
         np.testing.assert_allclose(keras.ops.convert_to_numpy(x), expected, rtol=5e-4, atol=5e-4)
         optimizer.apply_gradients([(grads, x)])
 
