@@ -90,6 +90,7 @@ def adamw_update(
     amsgrad_max: Any = None,
     maximize: bool = False,
     grad_scale: float | None = None,
+    read_from: Sequence[Any] | None = None,
 ) -> None:
     """One AdamW step, in place, over a list of tensors (or one array).
 
@@ -110,6 +111,11 @@ def adamw_update(
         maximize: ascend the objective instead of descending it.
         grad_scale: divide the gradients by this first (unscaling a loss-scaled
             gradient in the same pass).
+        read_from: out of place: ``(params, exp_avgs, exp_avg_sqs)`` (and
+            ``amsgrad_max`` with AMSGrad), lists shaped like the arguments above,
+            holding the current values; those are left unchanged and the step's
+            results are written into the arguments above, whose contents are
+            not read. Each chunk is copied and updated in one pass.
 
     Raises ``TypeError``/``ValueError`` naming the bad argument before any
     array is written.
@@ -133,6 +139,9 @@ def adamw_update(
             "maximize": bool(maximize),
             "grad_scale": grad_scale,
         },
+        None
+        if read_from is None
+        else [_as_list(x, f"read_from[{i}]") for i, x in enumerate(read_from)],
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adamw import host
+from keras_adamw import host, xla
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -53,11 +54,16 @@ class AdamW(keras.optimizers.Optimizer):
             the first pattern found in ``variable.path`` gives its factor
             (1 if none matches).
         maximize: ascend instead of descend.
-        implementation: ``"ops"`` (keras.ops), ``"host"`` (the Rust kernel: in
-            place on torch with float32 CPU variables; a host callback on JAX)
-            or ``"auto"`` (host on torch, ops elsewhere).
+        implementation: ``"ops"`` (keras.ops); ``"host"``, the Rust kernel on
+            float32 variables in CPU memory: in place on torch, an XLA custom
+            call on the donated buffers inside JAX's compiled step, a
+            ``tf.numpy_function`` writing host arrays that TF then assigns
+            (not under XLA: compile with ``jit_compile=False``); or ``"auto"``:
+            host where it can run, else ops (and ops under TF's XLA).
         offload_state: keep m, v (and v̂) as NumPy arrays in host memory
-            instead of Keras variables; the update runs in the host kernel.
+            instead of Keras variables; the update runs in the host kernel,
+            and only parameters and gradients cross (JAX: an ordered host
+            callback; TF: tf.numpy_function; torch: CPU variables only).
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -206,6 +212,7 @@ class AdamW(keras.optimizers.Optimizer):
         # update_step sees raw tf.Variables); update_step looks them up by index.
         self._variable_factors = [self._factors_for(v) for v in var_list]
         self._on_host = self._resolve_implementation(var_list)
+        self._tf_results = _ResultArrays()
         if self.offload_state:
             # Host memory owned by the optimizer, not Keras variables.
             slots = 3 if self.amsgrad else 2
@@ -220,12 +227,13 @@ class AdamW(keras.optimizers.Optimizer):
 
     def _resolve_implementation(self, var_list) -> bool:
         """Whether the update runs in the host kernel."""
-        reason = _host_unsupported_reason(var_list)
+        reason = _host_unsupported_reason(var_list, self.offload_state)
         if self.implementation == "ops":
             return False
         if self.implementation == "auto" and not self.offload_state:
-            # Measured faster on torch (in place); JAX's callbacks copy (benchmarks/).
-            return reason is None and keras.backend.backend() == "torch"
+            # Measured faster than ops on CPU on every backend (benchmarks/), and
+            # about even with TF's XLA, where auto falls back to ops anyway.
+            return reason is None
         if reason is not None:
             raise ValueError(f'implementation="host" and offload_state need {reason}')
         return True
@@ -236,10 +244,16 @@ class AdamW(keras.optimizers.Optimizer):
         """The base class decays before update_step; ours decays inside it."""
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if self._on_host:
+        if self._on_host and not self._falls_back_to_ops():
             self._host_update_step(grads, trainable_variables, learning_rate)
         else:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    def _falls_back_to_ops(self) -> bool:
+        """XLA cannot compile TF's host path: "auto" then takes the ops path,
+        which shares the slot variables (offloaded state has none)."""
+        automatic = self.implementation == "auto" and not self.offload_state
+        return automatic and _tf_compiles_with_xla()
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -299,12 +313,15 @@ class AdamW(keras.optimizers.Optimizer):
         return schedule_lr / self._peak_learning_rate
 
     def _host_update_step(self, grads, variables, learning_rate):
-        """One step in the Rust kernel. On torch it updates the variables'
-        memory in place; inside JAX's compiled step it runs in a host callback
-        that gets copies and returns the new values."""
+        """One step in the Rust kernel: in place on torch, as an XLA custom
+        call inside JAX's compiled step, in a tf.numpy_function on TensorFlow."""
         indices = [self._get_variable_index(v) for v in variables]
         if keras.backend.backend() == "jax":
-            return self._jax_host_update_step(grads, variables, learning_rate, indices)
+            if self.offload_state:
+                return self._jax_offloaded_update_step(grads, variables, learning_rate, indices)
+            return self._jax_kernel_update_step(grads, variables, learning_rate, indices)
+        if keras.backend.backend() == "tensorflow":
+            return self._tf_host_update_step(grads, variables, learning_rate, indices)
         self._run_kernel(
             int(ops.convert_to_numpy(self.iterations)) + 1,
             float(ops.convert_to_numpy(learning_rate)),
@@ -324,73 +341,140 @@ class AdamW(keras.optimizers.Optimizer):
         picked = [[view(slot[i]) for i in indices] for slot in self._slot_lists()]
         return picked[0], picked[1], picked[2] if self.amsgrad else None
 
-    def _jax_host_update_step(self, grads, variables, learning_rate, indices):
-        import jax
-        from jax.experimental import io_callback
-
-        def shapes(values):
-            return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in values]
-
-        scalars = [
-            ops.convert_to_tensor(x)
-            for x in (self.iterations + 1, learning_rate, self.weight_decay)
-        ]
-        params = [variable.value for variable in variables]
-        if self.offload_state:
-            # The state stays in host arrays the callback updates: only the
-            # parameters and gradients cross, as in ZeRO-Offload. JAX computes
-            # the update on every step and discards it between accumulation
-            # boundaries; host state must not see those steps.
-            accumulation = self.gradient_accumulation_steps
-            applies = (self._iterations + 1) % accumulation == 0 if accumulation else True
-
-            def offloaded(applies, step, lr, wd, params, grads):
-                params = [np.array(p) for p in params]  # writable copies
-                if applies:
-                    grads = [np.asarray(g) for g in grads]
-                    slots = self._slots(indices, _host_slot)
-                    self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, slots)
-                return params
-
-            new_params = io_callback(
-                offloaded,
-                shapes(params),
-                ops.convert_to_tensor(applies),
-                *scalars,
-                params,
-                grads,
-                ordered=True,
-            )
-            slot_variables, new_slots = [], []
-        else:
-            slot_variables = [slot[i] for slot in self._slot_lists() for i in indices]
-
-            def copied(step, lr, wd, params, grads, slots):
-                params, slots = [np.array(p) for p in params], [np.array(x) for x in slots]
-                grads = [np.asarray(g) for g in grads]
-                n = len(params)
-                state = slots[:n], slots[n : 2 * n], slots[2 * n :] if self.amsgrad else None
-                self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, state)
-                return params, slots
-
-            slot_values = [v.value for v in slot_variables]
-            new_params, new_slots = jax.pure_callback(
-                copied, (shapes(params), shapes(slot_values)), *scalars, params, grads, slot_values
-            )
-        for variable, value in zip(variables, new_params, strict=True):
-            variable.assign(value)
-        for variable, value in zip(slot_variables, new_slots, strict=True):
-            variable.assign(value)
-
-    def _run_kernel(self, step, lr, wd, indices, params, grads, slots):
-        """The host kernel over aligned lists, one call per parameter group."""
-        momenta, velocities, velocity_hats = slots
+    def _groups(self, indices) -> dict:
+        """Positions in `indices` by (lr factor, weight-decay factor): one kernel call each."""
         groups = {}
         for position, index in enumerate(indices):
             groups.setdefault(self._variable_factors[index], []).append(position)
-        for (lr_factor, wd_factor), positions in groups.items():
-            # The decay's whole per-step rate, as the ops path forms it.
-            decay = wd * wd_factor * self._decay_scale(lr * lr_factor, lr)
+        return groups
+
+    def _group_rates(self, lr, wd, lr_factor, wd_factor):
+        """A group's learning rate, and its decay's whole per-step rate as the ops path forms it."""
+        group_lr = lr * lr_factor
+        return group_lr, wd * wd_factor * self._decay_scale(group_lr, lr)
+
+    def _kernel_options(self) -> dict:
+        """The kernel's fixed options (the rates are per group and step)."""
+        return {
+            "epsilon_mode": self.epsilon_mode,
+            "weight_decay_mode": "decoupled",  # the rate passed is the decay's whole rate
+            "decay_form": "multiply" if self._multiplicative_decay else "subtract",
+            "maximize": self.maximize,
+        }
+
+    def _jax_kernel_update_step(self, grads, variables, learning_rate, indices):
+        """The kernel as an XLA custom call on the variables' buffers (in place:
+        Keras's JAX trainer donates the parameters and state)."""
+        step = ops.convert_to_tensor(self.iterations + 1)
+        lr = ops.cast(learning_rate, "float32")
+        wd = ops.cast(self.weight_decay, "float32")
+        for (lr_factor, wd_factor), positions in self._groups(indices).items():
+            group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
+            written = [[variables[k] for k in positions]]
+            written += [[slot[indices[k]] for k in positions] for slot in self._slot_lists()]
+            params, *state = [[v.value for v in group] for group in written]
+            new_values = xla.adamw_update(
+                step,
+                group_lr,
+                decay,
+                params,
+                [ops.cast(grads[k], "float32") for k in positions],
+                *state,
+                beta_1=self.beta_1,
+                beta_2=self.beta_2,
+                epsilon=self.epsilon,
+                **self._kernel_options(),
+            )
+            for group, values in zip(written, new_values, strict=False):  # no AMSGrad: 3 of 4
+                for variable, value in zip(group, values, strict=True):
+                    variable.assign(value)
+
+    def _jax_offloaded_update_step(self, grads, variables, learning_rate, indices):
+        """The state stays in host arrays that an ordered callback updates:
+        only the parameters and gradients cross, as in ZeRO-Offload."""
+        from jax.experimental import io_callback
+
+        # JAX computes the update on every step and discards it between
+        # accumulation boundaries; host state must not see those steps.
+        accumulation = self.gradient_accumulation_steps
+        applies = (self._iterations + 1) % accumulation == 0 if accumulation else True
+
+        def offloaded(applies, step, lr, wd, params, grads):
+            params = [np.array(p) for p in params]  # writable copies
+            if applies:
+                grads = [np.asarray(g) for g in grads]
+                slots = self._slots(indices, _host_slot)
+                self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, slots)
+            return params
+
+        params = [variable.value for variable in variables]
+        new_params = io_callback(
+            offloaded,
+            _shapes(params),
+            ops.convert_to_tensor(applies),
+            *map(ops.convert_to_tensor, (self.iterations + 1, learning_rate, self.weight_decay)),
+            params,
+            grads,
+            ordered=True,
+        )
+        for variable, value in zip(variables, new_params, strict=True):
+            variable.assign(value)
+
+    def _tf_host_update_step(self, grads, variables, learning_rate, indices):
+        """The kernel in a `tf.numpy_function`. TF hands the function views of
+        buffers it may share between variables (one zeros buffer behind every
+        fresh slot), so the kernel only reads them: it writes the step's results
+        into host arrays (out of place, in the same pass), which are assigned to
+        the variables."""
+        import tensorflow as tf
+
+        if _tf_compiles_with_xla():
+            raise ValueError(
+                'implementation="host" and offload_state on TensorFlow run the kernel in '
+                "tf.numpy_function, which XLA cannot compile: compile the model with "
+                'jit_compile=False (jit_compile="auto" uses XLA when TF sees a GPU), '
+                'or use implementation="ops"'
+            )
+        n = len(variables)
+        state = [] if self.offload_state else [s[i] for s in self._slot_lists() for i in indices]
+        written = list(variables) + state
+
+        def kernel(step, lr, wd, *arrays):
+            # params, grads, then each slot list (not offloaded): n arrays each
+            params_in, grads, *state_in = (arrays[k : k + n] for k in range(0, len(arrays), n))
+            results = [
+                [self._tf_results.array((k, i), x.shape) for i, x in zip(indices, xs, strict=True)]
+                for k, xs in enumerate([params_in, *state_in])
+            ]
+            hyperparameters = int(step), float(lr), float(wd), indices
+            if self.offload_state:  # the state is host memory of ours: in place
+                for result, current in zip(results[0], params_in, strict=True):
+                    np.copyto(result, current)
+                slots = self._slots(indices, _host_slot)
+                self._run_kernel(*hyperparameters, results[0], list(grads), slots)
+            else:
+                slots = results[1], results[2], results[3] if self.amsgrad else None
+                read_from = [params_in, *state_in]
+                self._run_kernel(*hyperparameters, results[0], list(grads), slots, read_from)
+            return [x for result in results for x in result]
+
+        scalars = [self.iterations + 1, learning_rate, self.weight_decay]
+        dense_grads = [tf.cast(tf.convert_to_tensor(g), "float32") for g in grads]
+        new_values = tf.numpy_function(
+            kernel,
+            [*scalars, *[v.value for v in variables], *dense_grads, *[v.value for v in state]],
+            [tf.float32] * len(written),
+            stateful=True,
+        )
+        for variable, value in zip(written, new_values, strict=True):
+            self.assign(variable, tf.reshape(value, variable.shape))
+
+    def _run_kernel(self, step, lr, wd, indices, params, grads, slots, read_from=None):
+        """The host kernel over aligned lists, one call per parameter group
+        (out of place from `read_from`'s lists when given)."""
+        momenta, velocities, velocity_hats = slots
+        for (lr_factor, wd_factor), positions in self._groups(indices).items():
+            group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
             host.adamw_update(
                 [params[k] for k in positions],
                 [grads[k] for k in positions],
@@ -400,15 +484,15 @@ class AdamW(keras.optimizers.Optimizer):
                 if velocity_hats is None
                 else [velocity_hats[k] for k in positions],
                 step=step,
-                learning_rate=lr * lr_factor,
+                learning_rate=group_lr,
                 beta_1=self.beta_1,
                 beta_2=self.beta_2,
                 epsilon=self.epsilon,
                 weight_decay=decay,
-                epsilon_mode=self.epsilon_mode,
-                weight_decay_mode="decoupled",
-                decay_form="multiply" if self._multiplicative_decay else "subtract",
-                maximize=self.maximize,
+                read_from=None
+                if read_from is None
+                else [[xs[k] for k in positions] for xs in read_from],
+                **self._kernel_options(),
             )
 
     # -- offloaded state in .keras files -------------------------------------------
@@ -568,17 +652,88 @@ def _peak_learning_rate(learning_rate) -> float:
 # -- the host path ------------------------------------------------------------------
 
 
-def _host_unsupported_reason(var_list) -> str | None:
+def _host_unsupported_reason(var_list, offload_state) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return "the torch or JAX backend (TensorFlow runs the ops path for now)"
     for variable in var_list:
         if str(variable.dtype) != "float32":
             return f"float32 variables ({variable.path} is {variable.dtype})"
-        if backend == "torch" and variable.value.device.type != "cpu":
-            return f"variables in CPU memory ({variable.path} is on {variable.value.device})"
+        if backend == "tensorflow" and _is_distributed(variable.value):
+            return f"variables outside tf.distribute ({variable.path} is distributed)"
+        devices = _devices(variable.value)
+        if len(devices) > 1:
+            return f"variables on one device ({variable.path} is on {len(devices)})"
+        if backend == "torch" or not offload_state:
+            (device,) = devices
+            if device != "cpu":
+                return f"variables in CPU memory ({variable.path} is on {device})"
     return None
+
+
+def _tf_compiles_with_xla() -> bool:
+    """Whether TensorFlow is tracing for XLA here (jit_compile=True)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _devices(value) -> list[str]:
+    """The platform of each device a torch tensor, JAX array or tf.Variable lives on."""
+    if hasattr(value, "devices"):  # a JAX array
+        return [device.platform for device in value.devices()]
+    if isinstance(value.device, str):  # TensorFlow
+        import tensorflow as tf
+
+        return [(tf.DeviceSpec.from_string(value.device).device_type or "cpu").lower()]
+    return [value.device.type]
+
+
+def _is_distributed(value) -> bool:
+    import tensorflow as tf
+
+    return isinstance(value, tf.distribute.DistributedValues)
+
+
+def _shapes(values) -> list:
+    import jax
+
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in values]
+
+
+class _ResultArrays:
+    """Host arrays the TensorFlow host path writes results into and hands to TF.
+
+    TF may keep a returned array as a variable's memory, so an array is
+    written again only once nothing but this pool refers to it; reusing
+    arrays spares each step the page faults of fresh large allocations.
+    """
+
+    KEEP = 3  # per key: the variable's current memory, the next result, a spare
+
+    def __init__(self):
+        self._arrays = {}
+
+    def array(self, key, shape) -> np.ndarray:
+        arrays = self._arrays.setdefault(key, [])
+        for array in arrays:
+            # References: the list, `array`, and getrefcount's own argument.
+            if sys.getrefcount(array) == 3 and array.shape == shape:
+                return array
+        fresh = _aligned_empty(shape)
+        if len(arrays) < self.KEEP:
+            arrays.append(fresh)
+        return fresh
+
+
+def _aligned_empty(shape, alignment=64) -> np.ndarray:
+    """A float32 array at a 64-byte aligned address, which TF takes without copying."""
+    size = math.prod(shape)
+    raw = np.empty(size + alignment // 4, np.float32)
+    start = (-raw.ctypes.data % alignment) // 4
+    return raw[start : start + size].reshape(shape)
 
 
 def _host_slot(slot):

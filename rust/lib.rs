@@ -15,9 +15,10 @@ pub mod parallel;
 #[cfg(feature = "python")]
 mod python;
 pub mod simd;
+pub mod xla_ffi;
 
 pub use math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
-pub use parallel::adamw_step;
+pub use parallel::{adamw_step, adamw_step_from};
 pub use simd::SimdLevel;
 
 /// One tensor's parameters, gradient and optimizer state, all the same length.
@@ -99,6 +100,56 @@ impl<'a> TensorSlices<'a> {
             Self {
                 params: p1,
                 grads: g1,
+                exp_avg: m1,
+                exp_avg_sq: v1,
+                max_exp_avg_sq: x1,
+            },
+        )
+    }
+}
+
+/// The current values an out-of-place step reads: the written slices of the
+/// `TensorSlices` it goes with start as copies of these, made chunk by chunk
+/// in the same pass (so the copy costs no extra trip through memory).
+#[derive(Debug)]
+pub struct Sources<'a> {
+    pub params: &'a [f32],
+    pub exp_avg: &'a [f32],
+    pub exp_avg_sq: &'a [f32],
+    pub max_exp_avg_sq: Option<&'a [f32]>,
+}
+
+impl<'a> Sources<'a> {
+    /// Copies the sources into the slices they stand for.
+    pub fn copy_into(&self, t: &mut TensorSlices<'_>) {
+        t.params.copy_from_slice(self.params);
+        t.exp_avg.copy_from_slice(self.exp_avg);
+        t.exp_avg_sq.copy_from_slice(self.exp_avg_sq);
+        if let (Some(from), Some(to)) = (self.max_exp_avg_sq, t.max_exp_avg_sq.as_deref_mut()) {
+            to.copy_from_slice(from);
+        }
+    }
+
+    pub fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.params.split_at(mid);
+        let (m0, m1) = self.exp_avg.split_at(mid);
+        let (v0, v1) = self.exp_avg_sq.split_at(mid);
+        let (x0, x1) = match self.max_exp_avg_sq {
+            Some(x) => {
+                let (x0, x1) = x.split_at(mid);
+                (Some(x0), Some(x1))
+            }
+            None => (None, None),
+        };
+        (
+            Self {
+                params: p0,
+                exp_avg: m0,
+                exp_avg_sq: v0,
+                max_exp_avg_sq: x0,
+            },
+            Self {
+                params: p1,
                 exp_avg: m1,
                 exp_avg_sq: v1,
                 max_exp_avg_sq: x1,

@@ -4,7 +4,7 @@
 
 use crate::math::{InvalidArgument, StepConstants};
 use crate::simd::{self, SimdLevel};
-use crate::TensorSlices;
+use crate::{Sources, TensorSlices};
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, Mutex};
@@ -70,20 +70,60 @@ pub fn adamw_step(tensors: Vec<TensorSlices<'_>>, c: &StepConstants, level: Simd
     for_each_chunk(tensors, |t| simd::update(level, t, c));
 }
 
+/// The same step out of place: each chunk of `sources` is copied into its
+/// tensors' chunk, then updated there while it is still in cache.
+pub fn adamw_step_from(
+    pairs: Vec<(Sources<'_>, TensorSlices<'_>)>,
+    c: &StepConstants,
+    level: SimdLevel,
+) {
+    for_each_chunk(pairs, |(sources, mut t)| {
+        sources.copy_into(&mut t);
+        simd::update(level, t, c)
+    });
+}
+
+/// Work that can be cut into chunks.
+pub trait Chunk: Sized + Send {
+    fn elements(&self) -> usize;
+    fn split_at(self, mid: usize) -> (Self, Self);
+}
+
+impl Chunk for TensorSlices<'_> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        TensorSlices::split_at(self, mid)
+    }
+}
+
+impl Chunk for (Sources<'_>, TensorSlices<'_>) {
+    fn elements(&self) -> usize {
+        self.1.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let ((s0, s1), (t0, t1)) = (self.0.split_at(mid), self.1.split_at(mid));
+        ((s0, t0), (s1, t1))
+    }
+}
+
 /// Calls `f` on chunks that together cover `tensors`, in parallel when there is
 /// enough work.
-pub fn for_each_chunk<F>(tensors: Vec<TensorSlices<'_>>, f: F)
+pub fn for_each_chunk<T: Chunk, F>(tensors: Vec<T>, f: F)
 where
-    F: Fn(TensorSlices<'_>) + Sync,
+    F: Fn(T) + Sync,
 {
-    let total: usize = tensors.iter().map(TensorSlices::len).sum();
+    let total: usize = tensors.iter().map(Chunk::elements).sum();
     if total < MIN_PARALLEL {
         tensors.into_iter().for_each(f);
         return;
     }
     let mut chunks = Vec::with_capacity(total / CHUNK + tensors.len());
     for mut rest in tensors {
-        while rest.len() > CHUNK {
+        while rest.elements() > CHUNK {
             let (chunk, tail) = rest.split_at(CHUNK);
             chunks.push(chunk);
             rest = tail;

@@ -3,13 +3,15 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
-use crate::{bandwidth, parallel, simd, TensorSlices};
+use crate::{bandwidth, parallel, simd, xla_ffi, Sources, TensorSlices};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyCapsule, PyDict};
+use std::ffi::c_void;
+use std::ptr::NonNull;
 
 impl From<InvalidArgument> for PyErr {
     fn from(e: InvalidArgument) -> Self {
@@ -167,6 +169,8 @@ struct StepArrays<'py> {
     exp_avgs: ArrayList<'py>,
     exp_avg_sqs: ArrayList<'py>,
     amsgrad_max: Option<ArrayList<'py>>,
+    /// Out of place: the current params, exp_avgs, exp_avg_sqs (and amsgrad_max) to read.
+    read_from: Vec<ArrayList<'py>>,
 }
 
 type Objects<'py> = Vec<Bound<'py, PyAny>>;
@@ -178,7 +182,26 @@ impl<'py> StepArrays<'py> {
         exp_avgs: Objects<'py>,
         exp_avg_sqs: Objects<'py>,
         amsgrad_max: Option<Objects<'py>>,
+        read_from: Option<Vec<Objects<'py>>>,
     ) -> PyResult<Self> {
+        let read_from = read_from.unwrap_or_default();
+        let expected = if amsgrad_max.is_some() { 4 } else { 3 };
+        if !read_from.is_empty() && read_from.len() != expected {
+            return Err(invalid(
+                "read_from".into(),
+                format!(
+                    "must hold {expected} lists (params, exp_avgs, exp_avg_sqs{}), got {}",
+                    if expected == 4 { ", amsgrad_max" } else { "" },
+                    read_from.len()
+                ),
+            ));
+        }
+        const SOURCE_NAMES: [&str; 4] = [
+            "read_from params",
+            "read_from exp_avgs",
+            "read_from exp_avg_sqs",
+            "read_from amsgrad_max",
+        ];
         let arrays = Self {
             params: ArrayList::new("params", &params, true)?,
             grads: ArrayList::new("grads", &grads, false)?,
@@ -187,16 +210,22 @@ impl<'py> StepArrays<'py> {
             amsgrad_max: amsgrad_max
                 .map(|list| ArrayList::new("amsgrad_max", &list, true))
                 .transpose()?,
+            read_from: read_from
+                .iter()
+                .zip(SOURCE_NAMES)
+                .map(|(list, name)| ArrayList::new(name, list, false))
+                .collect::<PyResult<_>>()?,
         };
         let mut written = vec![&arrays.params, &arrays.exp_avgs, &arrays.exp_avg_sqs];
         written.extend(arrays.amsgrad_max.as_ref());
-        for list in written[1..].iter().chain([&&arrays.grads]) {
+        let read = [&arrays.grads].into_iter().chain(&arrays.read_from);
+        for list in written[1..].iter().copied().chain(read.clone()) {
             list.check_matches(&arrays.params)?;
         }
         let regions: Vec<Region<_>> = written
             .iter()
             .flat_map(|list| list.regions(true))
-            .chain(arrays.grads.regions(false))
+            .chain(read.flat_map(|list| list.regions(false)))
             .collect();
         if let Some(((name_1, i_1), (name_2, i_2))) = find_overlap(&regions) {
             return Err(invalid(
@@ -207,10 +236,27 @@ impl<'py> StepArrays<'py> {
         Ok(arrays)
     }
 
+    /// One AdamW step, in place or from `read_from`, with the GIL released.
+    fn step(
+        self,
+        py: Python<'_>,
+        constants: &StepConstants,
+        level: simd::SimdLevel,
+    ) -> PyResult<()> {
+        self.run(py, |tensors, sources| match sources {
+            None => parallel::adamw_step(tensors, constants, level),
+            Some(sources) => parallel::adamw_step_from(
+                sources.into_iter().zip(tensors).collect(),
+                constants,
+                level,
+            ),
+        })
+    }
+
     /// Runs `work` on the tensors' slices with the GIL released.
     fn run<F>(mut self, py: Python<'_>, work: F) -> PyResult<()>
     where
-        F: for<'a> FnOnce(Vec<TensorSlices<'a>>) + Send,
+        F: for<'a> FnOnce(Vec<TensorSlices<'a>>, Option<Vec<Sources<'a>>>) + Send,
     {
         // SAFETY: `new` checked that the written lists are writable and that no
         // written array shares memory with any other array of the call.
@@ -233,7 +279,18 @@ impl<'py> StepArrays<'py> {
                 TensorSlices::new(p, g, m, v, max_v)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        py.detach(|| work(tensors));
+        let lists: Vec<Vec<&[f32]>> = self.read_from.iter().map(ArrayList::slices).collect();
+        let sources = (!lists.is_empty()).then(|| {
+            (0..tensors.len())
+                .map(|i| Sources {
+                    params: lists[0][i],
+                    exp_avg: lists[1][i],
+                    exp_avg_sq: lists[2][i],
+                    max_exp_avg_sq: lists.get(3).map(|list| list[i]),
+                })
+                .collect()
+        });
+        py.detach(|| work(tensors, sources));
         Ok(())
     }
 }
@@ -325,6 +382,7 @@ fn check_hyperparameters(hyperparameters: HyperparamsArg) -> PyResult<()> {
 
 /// One AdamW step in place; see `keras_adamw.host.adamw_update`.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)] // the Python signature
 fn adamw_update<'py>(
     py: Python<'py>,
     params: Objects<'py>,
@@ -333,13 +391,12 @@ fn adamw_update<'py>(
     exp_avg_sqs: Objects<'py>,
     amsgrad_max: Option<Objects<'py>>,
     hyperparameters: HyperparamsArg,
+    read_from: Option<Vec<Objects<'py>>>,
 ) -> PyResult<()> {
     let constants = hyperparameters.constants()?;
     let level = simd::active_level()?;
-    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, amsgrad_max)?;
-    arrays.run(py, |tensors| {
-        parallel::adamw_step(tensors, &constants, level)
-    })
+    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, amsgrad_max, read_from)?;
+    arrays.step(py, &constants, level)
 }
 
 /// The benchmark's ceiling: `p += g; m += g; v += g` in place, same threads and chunks.
@@ -351,8 +408,18 @@ fn read_modify_write<'py>(
     exp_avgs: Objects<'py>,
     exp_avg_sqs: Objects<'py>,
 ) -> PyResult<()> {
-    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, None)?;
-    arrays.run(py, bandwidth::read_modify_write)
+    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, None, None)?;
+    arrays.run(py, |tensors, _| bandwidth::read_modify_write(tensors))
+}
+
+/// The update as an XLA FFI handler (a PyCapsule), for `jax.ffi.register_ffi_target`.
+#[pyfunction]
+fn xla_ffi_handler(py: Python<'_>) -> PyResult<Bound<'_, PyCapsule>> {
+    let handler: unsafe extern "C" fn(*mut xla_ffi::CallFrame) -> *mut xla_ffi::XlaError =
+        xla_ffi::adamw_update;
+    let pointer = NonNull::new(handler as *mut c_void).expect("a function pointer is not null");
+    // SAFETY: a function pointer of the module, which outlives the capsule.
+    unsafe { PyCapsule::new_with_pointer(py, pointer, c"keras_adamw._core.xla_ffi_handler") }
 }
 
 /// The SIMD level the kernel runs at now.
@@ -394,6 +461,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_hyperparameters, m)?)?;
     m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(xla_ffi_handler, m)?)?;
     m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

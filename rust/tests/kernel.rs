@@ -2,10 +2,10 @@
 //! float64 AdamW written here (closely).
 
 use keras_adamw_core::math::update_scalar;
-use keras_adamw_core::parallel::{adamw_step, set_num_threads};
+use keras_adamw_core::parallel::{adamw_step, adamw_step_from, set_num_threads};
 use keras_adamw_core::simd::{self, supported_levels};
 use keras_adamw_core::{
-    DecayForm, DecayMode, EpsilonMode, Hyperparams, StepConstants, TensorSlices,
+    DecayForm, DecayMode, EpsilonMode, Hyperparams, Sources, StepConstants, TensorSlices,
 };
 use proptest::prelude::*;
 
@@ -223,6 +223,35 @@ fn results_do_not_depend_on_threads_or_on_the_split_into_tensors() {
             step_split(&mut state, &cuts);
             assert!(state == reference, "threads {threads}, {} cuts", cuts.len());
         }
+    }
+}
+
+#[test]
+fn an_out_of_place_step_matches_the_in_place_one_and_leaves_its_sources() {
+    let n = 300_007; // several chunks, and a tail
+    for amsgrad in [false, true] {
+        let sources = State::random(n, 7, amsgrad);
+        let mut in_place = sources.clone();
+        adamw_step(
+            vec![in_place.slices()],
+            &constants(),
+            simd::active_level().unwrap(),
+        );
+
+        let mut out = State::random(n, 8, amsgrad); // garbage the step must overwrite
+        out.g.clone_from(&sources.g);
+        let from = Sources {
+            params: &sources.p,
+            exp_avg: &sources.m,
+            exp_avg_sq: &sources.v,
+            max_exp_avg_sq: sources.max_v.as_deref(),
+        };
+        let (head, tail) = out.slices().split_at(1000);
+        let (from_head, from_tail) = from.split_at(1000);
+        let pairs = vec![(from_head, head), (from_tail, tail)];
+        adamw_step_from(pairs, &constants(), simd::active_level().unwrap());
+        assert!(out == in_place, "amsgrad {amsgrad}");
+        assert!(sources == State::random(n, 7, amsgrad));
     }
 }
 

@@ -1,0 +1,162 @@
+"""keras_adamw.xla: the kernel as an XLA custom call inside jax.jit."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from keras_adamw import host, xla
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+SHAPES = [(5, 7), (1000,), (), (0, 3), (70_000,)]  # a scalar, an empty one, one split in chunks
+
+
+def arrays(seed, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+
+    def make(scale, positive=False):
+        values = [rng.standard_normal(s) * scale for s in shapes]
+        return [np.asarray(np.abs(x) if positive else x, np.float32) for x in values]
+
+    return dict(
+        params=make(1.0),
+        grads=make(0.1),
+        exp_avgs=make(0.01),
+        exp_avg_sqs=make(0.01, positive=True),
+        amsgrad_max=make(0.02, positive=True),
+    )
+
+
+OPTIONS = [
+    dict(epsilon_mode=mode, weight_decay_mode=decay, maximize=maximize, amsgrad=amsgrad)
+    for mode, decay, maximize, amsgrad in itertools.product(
+        ["keras", "torch"], ["coupled", "decoupled"], [False, True], [False, True]
+    )
+]
+
+
+def jitted(donate):
+    def step(step, lr, wd, params, grads, exp_avgs, exp_avg_sqs, amsgrad_max, options):
+        return xla.adamw_update(
+            step, lr, wd, params, grads, exp_avgs, exp_avg_sqs, amsgrad_max, **options
+        )
+
+    def run(*args, options):
+        return jax.jit(lambda *a: step(*a, options), donate_argnums=(3, 5, 6, 7) if donate else ())(
+            *args
+        )
+
+    return run
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_matches_the_host_kernel_bitwise_over_steps(options):
+    options = dict(options, beta_1=0.85, beta_2=0.99, epsilon=1e-6)
+    amsgrad = options.pop("amsgrad")
+    expected = arrays(0)
+    state = {k: [jnp.asarray(x) for x in v] for k, v in expected.items() if k != "grads"}
+    if not amsgrad:
+        expected["amsgrad_max"] = None
+        state["amsgrad_max"] = None
+    run = jitted(donate=True)
+    for step in range(1, 6):
+        lr, wd = np.float32(1e-2 / step), np.float32(0.05)
+        params, m, v, v_max = run(
+            step,
+            lr,
+            wd,
+            state["params"],
+            [jnp.asarray(g) for g in expected["grads"]],
+            state["exp_avgs"],
+            state["exp_avg_sqs"],
+            state["amsgrad_max"],
+            options=options,
+        )
+        state = dict(params=params, exp_avgs=m, exp_avg_sqs=v, amsgrad_max=v_max)
+        host.adamw_update(
+            **expected, step=step, learning_rate=float(lr), weight_decay=float(wd), **options
+        )
+    for name, values in state.items():
+        for i, value in enumerate(values or []):
+            np.testing.assert_array_equal(np.asarray(value), expected[name][i], err_msg=name)
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_donated_buffers_are_updated_in_place_and_others_copied_first(donate):
+    """XLA passes the kernel each result in its operand's buffer: donated, as
+    is; otherwise it copies the operand first (the kernel sees no difference)."""
+    p, g, m, v = (jnp.zeros((256, 1024)) for _ in range(4))
+
+    def step(p, g, m, v):
+        return xla.adamw_update(1, 1e-3, 0.0, [p], [g], [m], [v])[:3]
+
+    donated = (0, 2, 3) if donate else ()
+    compiled = jax.jit(step, donate_argnums=donated).lower(p, g, m, v).compile().as_text()
+    copies = [line for line in compiled.splitlines() if " copy(" in line]
+    assert len(copies) == (0 if donate else 3)
+
+
+def test_operands_that_are_not_donated_are_left_as_they_were():
+    a = arrays(2)
+    params = [jnp.asarray(x) for x in a["params"]]
+    new_params, *_ = jitted(donate=False)(
+        1,
+        1e-2,
+        0.1,
+        params,
+        [jnp.asarray(x) for x in a["grads"]],
+        [jnp.asarray(x) for x in a["exp_avgs"]],
+        [jnp.asarray(x) for x in a["exp_avg_sqs"]],
+        None,
+        options={},
+    )
+    for old, original, new in zip(params, a["params"], new_params, strict=True):
+        np.testing.assert_array_equal(np.asarray(old), original)
+        if original.size:
+            assert not np.array_equal(np.asarray(new), original)
+
+
+def call(options=None, step=1, lr=1e-3, wd=0.0, **replace):
+    a = {k: [jnp.asarray(x) for x in v] for k, v in arrays(3).items()}
+    a["amsgrad_max"] = None
+    a.update(replace)
+    return jitted(donate=False)(step, lr, wd, *a.values(), options=options or {})[0][
+        0
+    ].block_until_ready()
+
+
+@pytest.mark.parametrize(
+    ("replace", "message"),
+    [
+        (dict(grads=[jnp.zeros(3)] * len(SHAPES)), r"grads\[0\] has shape \(3,\) where params"),
+        (dict(exp_avgs=[jnp.zeros(1)]), "exp_avgs has 1 arrays where params has 5"),
+        (
+            dict(exp_avg_sqs=[jnp.zeros(s, jnp.int32) for s in SHAPES]),
+            r"exp_avg_sqs\[0\] must have dtype float32, got int32",
+        ),
+        (dict(params=[]), "params is empty"),
+    ],
+)
+def test_bad_arrays_are_refused_when_traced(replace, message):
+    with pytest.raises(ValueError, match=message):
+        call(**replace)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(step=0), "step must be an integer >= 1, got 0"),
+        (dict(lr=-1.0), "learning_rate must be a finite number >= 0, got -1"),
+        (dict(wd=float("nan")), "weight_decay must be a finite number >= 0, got NaN"),
+        (dict(options=dict(beta_1=1.0)), r"beta_1 must be in \[0, 1\), got 1"),
+        (dict(options=dict(epsilon=0.0)), "epsilon must be a finite number > 0"),
+        (dict(options=dict(epsilon_mode="tf")), 'epsilon_mode must be "keras" or "torch"'),
+        (dict(options=dict(decay_form="divide")), "decay_form must be"),
+    ],
+)
+def test_bad_hyperparameters_raise_when_the_step_runs(kwargs, message):
+    with pytest.raises(Exception, match=message) as raised:
+        call(**kwargs)
+    assert "keras_adamw" in str(raised.value)
