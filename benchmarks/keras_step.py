@@ -108,7 +108,8 @@ def measure_steps(backend, total, tensors, reps):
     return {name: statistics.median(times) for name, times in rows.items()}
 
 
-def measure_fit(backend, steps):
+def measure_fit(backend, steps, reps):
+    """Median seconds of one `fit` epoch per contender, the epochs interleaved."""
     import keras
     import numpy as np
 
@@ -116,7 +117,7 @@ def measure_fit(backend, steps):
     rng = np.random.default_rng(0)
     x = rng.integers(0, vocabulary, (steps * 64, 8))
     y = rng.standard_normal((steps * 64, 1)).astype("float32")
-    results = {}
+    models = {}
     for name, make in contenders(backend).items():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
@@ -129,10 +130,14 @@ def measure_fit(backend, steps):
         )
         model.compile(optimizer=make(), loss="mse", jit_compile=name == XLA or "auto")
         model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0)  # compile
-        start = time.perf_counter()
-        model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
-        results[name] = time.perf_counter() - start
-    return results
+        models[name] = model
+    times = {name: [] for name in models}
+    for _ in range(reps):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def run_backend(args):
@@ -144,7 +149,8 @@ def run_backend(args):
         for tensors in map(int, args.tensors.split(",")):
             times = measure_steps(backend, parse_size(size), tensors, args.reps)
             report["steps"].append({"size": size, "tensors": tensors, "times": times})
-    report["fit"] = {"steps": args.fit_steps, "times": measure_fit(backend, args.fit_steps)}
+    fit_times = measure_fit(backend, args.fit_steps, args.fit_reps)
+    report["fit"] = {"steps": args.fit_steps, "times": fit_times}
     print(json.dumps(report))
 
 
@@ -165,7 +171,7 @@ def print_report(report):
             )
     fit = report["fit"]
     keras_s = fit["times"]["keras.optimizers.AdamW"]
-    print(f"  fit, embedding model (12.8M params), {fit['steps']} steps of batch 64:")
+    print(f"  fit, embedding model (12.8M params), {fit['steps']} steps of batch 64, median epoch:")
     for name, seconds in fit["times"].items():
         print(f"    {name:<28} {seconds:7.2f} s   x keras {keras_s / seconds:5.2f}")
 
@@ -179,6 +185,7 @@ def main():
     parser.add_argument("--tensors", default="1,64")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--fit-steps", type=int, default=50)
+    parser.add_argument("--fit-reps", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

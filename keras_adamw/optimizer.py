@@ -63,7 +63,8 @@ class AdamW(keras.optimizers.Optimizer):
         offload_state: keep m, v (and v̂) as NumPy arrays in host memory
             instead of Keras variables; the update runs in the host kernel,
             and only parameters and gradients cross (JAX: an ordered host
-            callback; TF: tf.numpy_function; torch: CPU variables only).
+            callback; TF: tf.numpy_function; torch: in place on CPU variables,
+            through host staging buffers for variables on an accelerator).
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -213,6 +214,7 @@ class AdamW(keras.optimizers.Optimizer):
         self._variable_factors = [self._factors_for(v) for v in var_list]
         self._on_host = self._resolve_implementation(var_list)
         self._tf_results = _ResultArrays()
+        self._staging = _StagingBuffers()
         if self.offload_state:
             # Host memory owned by the optimizer, not Keras variables.
             slots = 3 if self.amsgrad else 2
@@ -322,15 +324,33 @@ class AdamW(keras.optimizers.Optimizer):
             return self._jax_kernel_update_step(grads, variables, learning_rate, indices)
         if keras.backend.backend() == "tensorflow":
             return self._tf_host_update_step(grads, variables, learning_rate, indices)
+        self._torch_host_update_step(grads, variables, learning_rate, indices)
+
+    def _torch_host_update_step(self, grads, variables, learning_rate, indices):
+        """In place on CPU variables. With offloaded state, variables on an
+        accelerator are staged: parameters and gradients are copied into host
+        buffers, updated there, and the parameters copied back."""
+        import torch
+
+        params = [variable.value for variable in variables]
+        grads = [_contiguous(grad) for grad in grads]
+        staged = [k for k, param in enumerate(params) if _on_accelerator(param)]
+        device_params = {k: params[k] for k in staged}
+        for k in staged:
+            params[k] = self._staging.copy_in(("param", indices[k]), params[k])
+            grads[k] = self._staging.copy_in(("grad", indices[k]), grads[k])
         self._run_kernel(
             int(ops.convert_to_numpy(self.iterations)) + 1,
             float(ops.convert_to_numpy(learning_rate)),
             float(ops.convert_to_numpy(self.weight_decay)),
             indices,
-            [variable.value for variable in variables],
-            [_contiguous(grad) for grad in grads],
+            params,
+            grads,
             self._slots(indices, _host_slot),
         )
+        with torch.no_grad():
+            for k, device_param in device_params.items():
+                device_param.copy_(params[k])
 
     def _slot_lists(self) -> list:
         """[momenta, velocities] and, with AMSGrad, velocity_hats: one entry per variable."""
@@ -663,7 +683,7 @@ def _host_unsupported_reason(var_list, offload_state) -> str | None:
         devices = _devices(variable.value)
         if len(devices) > 1:
             return f"variables on one device ({variable.path} is on {len(devices)})"
-        if backend == "torch" or not offload_state:
+        if not offload_state:
             (device,) = devices
             if device != "cpu":
                 return f"variables in CPU memory ({variable.path} is on {device})"
@@ -726,6 +746,28 @@ class _ResultArrays:
         if len(arrays) < self.KEEP:
             arrays.append(fresh)
         return fresh
+
+
+class _StagingBuffers:
+    """Host buffers (pinned when CUDA is there) for torch tensors staged from an accelerator."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def copy_in(self, key, tensor):
+        import torch
+
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape:
+            pinned = torch.cuda.is_available()
+            buffer = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=pinned)
+            self._buffers[key] = buffer
+        buffer.copy_(tensor)
+        return buffer
+
+
+def _on_accelerator(tensor) -> bool:
+    return tensor.device.type != "cpu"
 
 
 def _aligned_empty(shape, alignment=64) -> np.ndarray:

@@ -70,6 +70,22 @@ def test_host_path_matches_the_ops_path(kwargs, offload_state):
     assert max_difference(on_host, ops) <= 1e-6
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's staging of accelerator variables")
+@pytest.mark.parametrize("name", ["plain", "amsgrad, torch epsilon", "groups", "accumulation"])
+def test_torch_offload_stages_accelerator_variables_through_host_buffers(name, monkeypatch):
+    """No accelerator here: CPU tensors are taken for accelerator ones, so the
+    staging path (copy in, update on the host, copy back) runs as it would."""
+    from keras_adamw import optimizer as module
+
+    staged = []
+    monkeypatch.setattr(module, "_on_accelerator", lambda tensor: staged.append(tensor) or True)
+    ops = apply_steps(AdamW(implementation="ops", **FEATURES[name]))
+    offloaded = AdamW(offload_state=True, **FEATURES[name])
+    on_host = apply_steps(offloaded)
+    assert staged and offloaded._staging._buffers
+    assert max_difference(on_host, ops) <= 1e-6
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("offload_state", [False, True])
 def test_host_path_trains_under_fit_like_the_ops_path(policy, offload_state):
