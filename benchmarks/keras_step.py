@@ -3,7 +3,8 @@
     python benchmarks/keras_step.py          # every installed backend, one process each
     python benchmarks/keras_step.py --backends torch --sizes 16M --reps 3
 
-Per backend, in one process and interleaved step by step: keras.optimizers.AdamW,
+Per backend, in one process and interleaved step by step: the memory-bandwidth
+ceiling (an in-place loop with the update's memory traffic), keras.optimizers.AdamW,
 keras_adamw.AdamW on the ops path, and on the host kernel (torch: in place;
 JAX: an XLA custom call on the donated buffers; TensorFlow: tf.numpy_function
 on copies), with and without offloaded state. The step runs as the trainer
@@ -84,6 +85,22 @@ def step_function(backend, optimizer, variables, grads, xla=False):
     return step
 
 
+CEILING = "ceiling (in-place loop)"
+
+
+def ceiling_loop(sizes):
+    """The memory-bandwidth ceiling: a plain in-place loop with the kernel's
+    traffic (read p, g, m, v; write p, m, v), on the kernel's threads."""
+    import numpy as np
+
+    from keras_adamw import _core
+
+    p, g, m, v = ([np.ones(n, np.float32) for n in sizes] for _ in range(4))
+    run = lambda: _core.read_modify_write(p, g, m, v)  # noqa: E731
+    run()
+    return run
+
+
 def measure_steps(backend, total, tensors, reps):
     import keras
     import numpy as np
@@ -100,6 +117,8 @@ def measure_steps(backend, total, tensors, reps):
         runners[name] = step_function(backend, make(), variables, grads, xla=name == XLA)
         runners[name]()  # compile, first touch
         rows[name] = []
+    runners[CEILING] = ceiling_loop(sizes)
+    rows[CEILING] = []
     for _ in range(reps):
         for name, run in runners.items():
             start = time.perf_counter()

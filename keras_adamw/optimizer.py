@@ -695,9 +695,12 @@ def _tf_compiles_with_xla() -> bool:
     if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util
 
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    try:  # TF's own check, not public API: without it, TF's error on XLA compilation stands
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return False
+    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _devices(value) -> list[str]:
