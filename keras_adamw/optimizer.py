@@ -344,8 +344,8 @@ class AdamW(keras.optimizers.Optimizer):
             float(ops.convert_to_numpy(learning_rate)),
             float(ops.convert_to_numpy(self.weight_decay)),
             indices,
-            params,
-            grads,
+            [_numpy_view(param) for param in params],
+            [_numpy_view(grad) for grad in grads],
             self._slots(indices, _host_slot),
         )
         with torch.no_grad():
@@ -782,8 +782,13 @@ def _aligned_empty(shape, alignment=64) -> np.ndarray:
 
 
 def _host_slot(slot):
-    """A slot's memory: the torch tensor of a Keras variable, or an offloaded array."""
-    return slot if isinstance(slot, np.ndarray) else slot.value
+    """A slot's memory: a NumPy view of a (torch) Keras variable, or an offloaded array."""
+    return slot if isinstance(slot, np.ndarray) else _numpy_view(slot.value)
+
+
+def _numpy_view(tensor) -> np.ndarray:
+    """A CPU torch tensor's memory as a NumPy array (the kernel's cheapest argument)."""
+    return tensor.detach().numpy()
 
 
 def _contiguous(tensor):
