@@ -332,9 +332,8 @@ unsafe fn attributes(attrs: &Attrs) -> Result<Vec<(String, Attr)>, InvalidArgume
                 *attrs.attrs.add(i),
             )
         };
-        // SAFETY: a byte span of `len` bytes.
-        let name = unsafe { std::slice::from_raw_parts(name.ptr.cast::<u8>(), name.len) };
-        let name = String::from_utf8_lossy(name).into_owned();
+        // SAFETY: XLA's byte span.
+        let name = String::from_utf8_lossy(unsafe { span_bytes(name) }).into_owned();
         let attr = match kind {
             ATTR_SCALAR => {
                 // SAFETY: a scalar attribute points at an XLA_FFI_Scalar.
@@ -346,10 +345,8 @@ unsafe fn attributes(attrs: &Attrs) -> Result<Vec<(String, Attr)>, InvalidArgume
                 })?)
             }
             ATTR_STRING => {
-                // SAFETY: a string attribute points at a byte span.
-                let span = unsafe { &*value.cast::<ByteSpan>() };
-                // SAFETY: a byte span of `len` bytes.
-                let bytes = unsafe { std::slice::from_raw_parts(span.ptr.cast::<u8>(), span.len) };
+                // SAFETY: a string attribute points at a byte span, XLA's.
+                let bytes = unsafe { span_bytes(&*value.cast::<ByteSpan>()) };
                 Attr::Text(String::from_utf8_lossy(bytes).into_owned())
             }
             _ => return Err(invalid(&name, "must be a scalar or a string attribute")),
@@ -357,6 +354,16 @@ unsafe fn attributes(attrs: &Attrs) -> Result<Vec<(String, Attr)>, InvalidArgume
         out.push((name, attr));
     }
     Ok(out)
+}
+
+/// # Safety
+/// `span` must hold `len` readable bytes at `ptr` (or be empty).
+unsafe fn span_bytes(span: &ByteSpan) -> &[u8] {
+    if span.len == 0 || span.ptr.is_null() {
+        return &[]; // an empty span may have no address
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(span.ptr.cast::<u8>(), span.len) }
 }
 
 fn number(attrs: &[(String, Attr)], name: &str) -> Result<f64, InvalidArgument> {
