@@ -346,7 +346,7 @@ class AdamW(keras.optimizers.Optimizer):
             indices,
             [_numpy_view(param) for param in params],
             [_numpy_view(grad) for grad in grads],
-            self._slots(indices, _host_slot),
+            self._slots(indices),
         )
         with torch.no_grad():
             for k, device_param in device_params.items():
@@ -356,9 +356,9 @@ class AdamW(keras.optimizers.Optimizer):
         """[momenta, velocities] and, with AMSGrad, velocity_hats: one entry per variable."""
         return [self._momentums, self._velocities] + ([self._velocity_hats] if self.amsgrad else [])
 
-    def _slots(self, indices, view):
-        """(momenta, velocities, velocity_hats or None) of these variables, through `view`."""
-        picked = [[view(slot[i]) for i in indices] for slot in self._slot_lists()]
+    def _slots(self, indices):
+        """(momenta, velocities, velocity_hats or None) of these variables, as host memory."""
+        picked = [[_host_slot(slot[i]) for i in indices] for slot in self._slot_lists()]
         return picked[0], picked[1], picked[2] if self.amsgrad else None
 
     def _groups(self, indices) -> dict:
@@ -412,6 +412,7 @@ class AdamW(keras.optimizers.Optimizer):
     def _jax_offloaded_update_step(self, grads, variables, learning_rate, indices):
         """The state stays in host arrays that an ordered callback updates:
         only the parameters and gradients cross, as in ZeRO-Offload."""
+        import jax
         from jax.experimental import io_callback
 
         # JAX computes the update on every step and discards it between
@@ -423,14 +424,14 @@ class AdamW(keras.optimizers.Optimizer):
             params = [np.array(p) for p in params]  # writable copies
             if applies:
                 grads = [np.asarray(g) for g in grads]
-                slots = self._slots(indices, _host_slot)
+                slots = self._slots(indices)
                 self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, slots)
             return params
 
         params = [variable.value for variable in variables]
         new_params = io_callback(
             offloaded,
-            _shapes(params),
+            [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],
             ops.convert_to_tensor(applies),
             *map(ops.convert_to_tensor, (self.iterations + 1, learning_rate, self.weight_decay)),
             params,
@@ -470,7 +471,7 @@ class AdamW(keras.optimizers.Optimizer):
             if self.offload_state:  # the state is host memory of ours: in place
                 for result, current in zip(results[0], params_in, strict=True):
                     np.copyto(result, current)
-                slots = self._slots(indices, _host_slot)
+                slots = self._slots(indices)
                 self._run_kernel(*hyperparameters, results[0], list(grads), slots)
             else:
                 slots = results[1], results[2], results[3] if self.amsgrad else None
@@ -718,12 +719,6 @@ def _is_distributed(value) -> bool:
     import tensorflow as tf
 
     return isinstance(value, tf.distribute.DistributedValues)
-
-
-def _shapes(values) -> list:
-    import jax
-
-    return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in values]
 
 
 class _ResultArrays:
