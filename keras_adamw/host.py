@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from keras_adamw import _core
+from keras_adamw._checks import flag
 
 __all__ = [
     "HostAdamW",
@@ -136,7 +137,7 @@ def adamw_update(
             "epsilon_mode": epsilon_mode,
             "weight_decay_mode": weight_decay_mode,
             "decay_form": decay_form,
-            "maximize": bool(maximize),
+            "maximize": flag("maximize", maximize),
             "grad_scale": grad_scale,
         },
         None
@@ -186,7 +187,7 @@ class HostAdamW:
         self.epsilon_mode = epsilon_mode
         self.weight_decay_mode = weight_decay_mode
         self.decay_form = decay_form
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = flag("amsgrad", amsgrad)
         self.maximize = maximize
         self.iterations = 0
         self.exp_avgs = [np.zeros_like(p) for p in self.params]
@@ -208,7 +209,7 @@ class HostAdamW:
             "epsilon_mode": self.epsilon_mode,
             "weight_decay_mode": self.weight_decay_mode,
             "decay_form": self.decay_form,
-            "maximize": bool(self.maximize),
+            "maximize": flag("maximize", self.maximize),
         }
         _check_hyperparameters(hyperparameters)
         return hyperparameters

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -13,6 +14,8 @@ import numpy as np
 from keras import ops
 
 from keras_adamw import host, xla
+from keras_adamw._checks import flag as _flag
+from keras_adamw._checks import real as _real
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 
@@ -76,8 +79,10 @@ class AdamW(keras.optimizers.Optimizer):
     (EMA averages, gradient accumulators) when enabled, then for each
     trainable variable its ``momentum`` and ``velocity`` (interleaved, as in
     Keras's Adam), then each ``velocity_hat`` (AMSGrad only). With
-    ``offload_state`` the slots are host arrays, saved after the Keras
-    variables: every momentum, every velocity, every velocity_hat.
+    ``offload_state`` the slots are host arrays, saved in the same places, so
+    a file loads the same with or without offloading; one saved by
+    ``keras.optimizers.AdamW`` (the same order without ``weight_decay``)
+    loads too. ``get_weights``/``set_weights`` use this order.
     """
 
     def __init__(
@@ -100,23 +105,21 @@ class AdamW(keras.optimizers.Optimizer):
         name: str = "adamw",
         **kwargs: Any,
     ) -> None:
-        _check_learning_rate(learning_rate)
-        if _is_number(learning_rate):
-            learning_rate = float(learning_rate)  # the base class takes only a float
+        learning_rate = _checked_learning_rate(learning_rate)  # the base class takes a float
         super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
-        _check_in_range("beta_1", beta_1)
-        _check_in_range("beta_2", beta_2)
-        if not _is_number(epsilon) or not epsilon > 0 or not math.isfinite(epsilon):
+        self.beta_1 = _checked_beta("beta_1", beta_1)
+        self.beta_2 = _checked_beta("beta_2", beta_2)
+        epsilon_value = _real(epsilon)
+        if epsilon_value is None or not 0 < epsilon_value < math.inf:
             raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
         _check_choice("epsilon_mode", epsilon_mode, EPSILON_MODES)
         _check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
-        self.epsilon = float(epsilon)
-        self.amsgrad = bool(amsgrad)
+        self.epsilon = epsilon_value
+        self.amsgrad = _flag("amsgrad", amsgrad)
         self.epsilon_mode = epsilon_mode
         self.weight_decay_mode = weight_decay_mode
-        self.maximize = bool(maximize)
+        self.maximize = _flag("maximize", maximize)
+        offload_state = _flag("offload_state", offload_state)
         _check_choice("implementation", implementation, IMPLEMENTATIONS)
         if offload_state and implementation == "ops":
             raise ValueError(
@@ -124,7 +127,7 @@ class AdamW(keras.optimizers.Optimizer):
                 'it needs implementation="host" or "auto", not "ops"'
             )
         self.implementation = implementation
-        self.offload_state = bool(offload_state)
+        self.offload_state = offload_state
         self._exclude_patterns = _compile_patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay or []
         )
@@ -147,10 +150,9 @@ class AdamW(keras.optimizers.Optimizer):
     def _build_weight_decay(self, weight_decay):
         if isinstance(weight_decay, LearningRateSchedule):
             return weight_decay
-        _check_weight_decay(weight_decay)
         with keras.name_scope(self.name, caller=self):
             variable = keras.Variable(
-                float(weight_decay),
+                _checked_weight_decay(weight_decay),
                 name="weight_decay",
                 dtype=keras.config.floatx(),
                 trainable=False,
@@ -181,8 +183,7 @@ class AdamW(keras.optimizers.Optimizer):
                 "of optimizer variables must not change. Create a new optimizer to switch "
                 "between a float and a schedule."
             )
-        _check_weight_decay(value)
-        self._weight_decay.assign(float(value))
+        self._weight_decay.assign(_checked_weight_decay(value))
 
     # -- parameter groups -----------------------------------------------------
 
@@ -198,8 +199,8 @@ class AdamW(keras.optimizers.Optimizer):
         self._exclude_patterns += _compile_patterns("var_names", patterns)
 
     def _factors_for(self, variable) -> tuple[float, float]:
-        """(lr factor, weight decay factor) for a Keras variable, from its path."""
-        path = variable.path
+        """(lr factor, weight decay factor) for a variable, from its path."""
+        path = _path(variable)
         lr_factor = _first_match(self._lr_multipliers, path)
         excluded = any(p.search(path) for p in self._exclude_patterns)
         wd_factor = 0.0 if excluded else _first_match(self._weight_decay_multipliers, path)
@@ -216,9 +217,18 @@ class AdamW(keras.optimizers.Optimizer):
         self._tf_results = _ResultArrays()
         self._staging = _StagingBuffers()
         if self.offload_state:
-            # Host memory owned by the optimizer, not Keras variables.
+            # Host memory owned by the optimizer, not Keras variables; none for the
+            # variables Keras gives no slots (overwrite_with_gradient: float8 scales).
             slots = 3 if self.amsgrad else 2
-            state = [[np.zeros(v.shape, np.float32) for v in var_list] for _ in range(slots)]
+            state = [
+                [
+                    None
+                    if self._overwrite_variable_with_gradient(v)
+                    else np.zeros(v.shape, np.float32)
+                    for v in var_list
+                ]
+                for _ in range(slots)
+            ]
         else:  # Keras's Adam order: momentum and velocity interleaved, then velocity_hat
             state = list(self.add_optimizer_variables(var_list, ["momentum", "velocity"]))
             if self.amsgrad:
@@ -246,6 +256,7 @@ class AdamW(keras.optimizers.Optimizer):
         """The base class decays before update_step; ours decays inside it."""
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        grads = [_dense(grad) for grad in grads]
         if self._on_host and not self._falls_back_to_ops():
             self._host_update_step(grads, trainable_variables, learning_rate)
         else:
@@ -487,6 +498,8 @@ class AdamW(keras.optimizers.Optimizer):
             [tf.float32] * len(written),
             stateful=True,
         )
+        if len(written) == 1:  # run eagerly, numpy_function returns a lone output bare
+            new_values = tf.nest.flatten(new_values)
         for variable, value in zip(written, new_values, strict=True):
             self.assign(variable, tf.reshape(value, variable.shape))
 
@@ -516,30 +529,79 @@ class AdamW(keras.optimizers.Optimizer):
                 **self._kernel_options(),
             )
 
-    # -- offloaded state in .keras files -------------------------------------------
+    # -- the whole state: .keras files, get_weights and set_weights ------------------
 
-    def _offloaded_state(self) -> list:
-        if not (self.built and self.offload_state):
-            return []
-        return [array for slot in self._slot_lists() for array in slot]
+    def _state(self) -> list:
+        """The whole state in Keras's order, the order of a `.keras` file and of
+        `get_weights`/`set_weights`: the Keras variables, then any offloaded
+        slots where Keras's Adam has its slot variables (each variable's
+        momentum and velocity, interleaved, then each velocity_hat). So a file
+        loads the same with or without offloading."""
+        state = list(self.variables)
+        if self.built and self.offload_state:
+            pairs = zip(self._momentums, self._velocities, strict=True)
+            state += [slot for pair in pairs for slot in pair if slot is not None]
+            if self.amsgrad:
+                state += [slot for slot in self._velocity_hats if slot is not None]
+        return state
+
+    def _assign_state(self, values, source) -> bool:
+        """Assigns `values`, in `_state()`'s order, after checking every shape;
+        values without our weight_decay variable (from `keras.optimizers.AdamW`)
+        keep ours. False, assigning nothing, when the count fits neither."""
+        state = self._state()
+        if len(values) == len(state) - 1 and isinstance(self._weight_decay, keras.Variable):
+            state = [x for x in state if x is not self._weight_decay]
+        if len(values) != len(state):
+            return False
+        arrays = [np.asarray(value) for value in values]
+        for i, (target, array) in enumerate(zip(state, arrays, strict=True)):
+            if tuple(target.shape) != array.shape:
+                name = "an offloaded slot" if isinstance(target, np.ndarray) else target.path
+                raise ValueError(
+                    f"{source}[{i}] has shape {array.shape} where this optimizer's {name} has "
+                    f"shape {tuple(target.shape)}: it comes from another model or configuration"
+                )
+        for target, array in zip(state, arrays, strict=True):
+            if isinstance(target, np.ndarray):
+                np.copyto(target, array.astype(np.float32, copy=False))
+            else:
+                target.assign(array)
+        return True
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Copies of the whole state, offloaded slots included, in Keras's order."""
+        return [
+            x.copy() if isinstance(x, np.ndarray) else np.array(x.numpy()) for x in self._state()
+        ]
+
+    def set_weights(self, weights):
+        """Sets the whole state from `get_weights()` (of this class, with or without
+        offloading, or of `keras.optimizers.AdamW`) or from another optimizer's
+        `variables` list; checks every shape before assigning any."""
+        if not self.built:
+            raise ValueError(
+                "set_weights() needs a built optimizer: call optimizer.build(variables) first"
+            )
+        if not self._assign_state(list(weights), "weights"):
+            raise ValueError(
+                f"set_weights got {len(weights)} arrays where this optimizer's state has "
+                f"{len(self._state())} (as get_weights() returns it)"
+            )
 
     def save_own_variables(self, store):
-        """Keras's variables by position, then the offloaded state in slot order."""
-        super().save_own_variables(store)
-        start = len(self.variables)
-        for i, array in enumerate(self._offloaded_state()):
-            store[str(start + i)] = array
+        for i, x in enumerate(self._state()):
+            store[str(i)] = x if isinstance(x, np.ndarray) else x.numpy()
 
     def load_own_variables(self, store):
-        state = self._offloaded_state()
-        keras_count = len(self.variables)
-        if len(store.keys()) != keras_count + len(state):
-            super().load_own_variables(store)  # Keras warns and skips
-            return
-        keras_part = {str(i): store[str(i)] for i in range(keras_count)}
-        super().load_own_variables(keras_part)
-        for i, array in enumerate(state):
-            np.copyto(array, np.asarray(store[str(keras_count + i)], np.float32))
+        values = [store[str(i)] for i in range(len(store.keys()))]
+        if not self._assign_state(values, "the saved optimizer state"):
+            warnings.warn(  # as Keras does: the optimizer starts afresh
+                f"Skipping variable loading for optimizer '{self.name}', because it has "
+                f"{len(self._state())} state arrays whereas the saved optimizer has "
+                f"{len(values)}.",
+                stacklevel=2,
+            )
 
     # -- config -------------------------------------------------------------------
 
@@ -583,13 +645,11 @@ class AdamW(keras.optimizers.Optimizer):
 # -- argument checks ------------------------------------------------------------
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_in_range(name, value):
-    if not _is_number(value) or not 0 <= value < 1:
+def _checked_beta(name, value) -> float:
+    beta = _real(value)
+    if beta is None or not 0 <= beta < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return beta
 
 
 def _check_choice(name, value, choices):
@@ -597,27 +657,35 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _check_learning_rate(learning_rate):
+def _checked_learning_rate(learning_rate):
     if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
-        return
-    if not _is_number(learning_rate) or not math.isfinite(learning_rate) or learning_rate < 0:
+        return learning_rate
+    value = _real(learning_rate)
+    if value is None or not 0 <= value < math.inf:
         raise ValueError(
             "learning_rate must be a finite number >= 0, a LearningRateSchedule or a callable, "
             f"got {learning_rate!r}"
         )
+    return value
 
 
-def _check_weight_decay(weight_decay):
-    if not _is_number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+def _checked_weight_decay(weight_decay) -> float:
+    value = _real(weight_decay)
+    if value is None or not 0 <= value < math.inf:
         raise ValueError(
             "weight_decay must be a finite number >= 0 or a LearningRateSchedule, "
             f"got {weight_decay!r}"
         )
+    return value
 
 
 def _compile_patterns(name, patterns):
     if isinstance(patterns, str):
         raise ValueError(f"{name} must be a list of regular expressions, not one string")
+    if not isinstance(patterns, Iterable):
+        raise ValueError(
+            f"{name} must be a list of regular expressions, got {type(patterns).__name__}"
+        )
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):
@@ -638,9 +706,10 @@ def _compile_multipliers(name, multipliers):
         )
     compiled = []
     for pattern, factor in multipliers.items():
-        if not _is_number(factor) or not math.isfinite(factor) or factor < 0:
+        value = _real(factor)
+        if value is None or not 0 <= value < math.inf:
             raise ValueError(f"{name}[{pattern!r}] must be a finite number >= 0, got {factor!r}")
-        compiled.append((_compile_patterns(name, [pattern])[0], float(factor)))
+        compiled.append((_compile_patterns(name, [pattern])[0], value))
     return compiled
 
 
@@ -650,17 +719,18 @@ def _first_match(multipliers, path) -> float:
 
 def _peak_learning_rate(learning_rate) -> float:
     """The learning rate the decoupled decay is measured against (None: a constant one)."""
-    if _is_number(learning_rate):
+    if _real(learning_rate) is not None:
         return None
-    else:
-        candidates = [
-            getattr(learning_rate, name, None)
-            for name in ("peak_value", "warmup_target", "initial_learning_rate")
-        ]
-        peak = next((c for c in candidates if _is_number(c)), None)
-        values = getattr(learning_rate, "values", None)
-        if peak is None and isinstance(values, (list, tuple)) and all(map(_is_number, values)):
-            peak = max(values)  # PiecewiseConstantDecay
+    candidates = [
+        _real(getattr(learning_rate, name, None))
+        for name in ("peak_value", "warmup_target", "initial_learning_rate")
+    ]
+    peak = next((c for c in candidates if c is not None), None)
+    values = getattr(learning_rate, "values", None)
+    if peak is None and isinstance(values, (list, tuple)):
+        reals = [_real(value) for value in values]
+        if None not in reals:
+            peak = max(reals)  # PiecewiseConstantDecay
     if peak is None or not peak > 0:
         raise ValueError(
             'weight_decay_mode="decoupled" scales the decay by learning_rate / its peak, but '
@@ -677,18 +747,39 @@ def _host_unsupported_reason(var_list, offload_state) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
     backend = keras.backend.backend()
     for variable in var_list:
+        path = _path(variable)
+        if not isinstance(variable, keras.Variable):
+            return f"Keras variables ({path} is a {type(variable).__name__})"
         if str(variable.dtype) != "float32":
-            return f"float32 variables ({variable.path} is {variable.dtype})"
+            return f"float32 variables ({path} is {variable.dtype})"
         if backend == "tensorflow" and _is_distributed(variable.value):
-            return f"variables outside tf.distribute ({variable.path} is distributed)"
+            return f"variables outside tf.distribute ({path} is distributed)"
         devices = _devices(variable.value)
         if len(devices) > 1:
-            return f"variables on one device ({variable.path} is on {len(devices)})"
+            return f"variables on one device ({path} is on {len(devices)})"
         if not offload_state:
             (device,) = devices
             if device != "cpu":
-                return f"variables in CPU memory ({variable.path} is on {device})"
+                return f"variables in CPU memory ({path} is on {device})"
     return None
+
+
+def _path(variable) -> str:
+    """A Keras variable's path; a raw backend variable's name (TF: "Variable:0")."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def _dense(gradient):
+    """A sparse gradient as a dense tensor, duplicate rows summed as the dense
+    gradient has them (squaring each slice apart would give v Σg² for (Σg)²)."""
+    kind = type(gradient).__name__
+    if kind == "IndexedSlices":  # TensorFlow: the conversion sums duplicate rows
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(gradient)
+    if kind == "BCOO":  # JAX sparse: todense sums duplicate entries
+        return gradient.todense()
+    return gradient
 
 
 def _tf_compiles_with_xla() -> bool:

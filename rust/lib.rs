@@ -4,12 +4,14 @@
 //! - `math`: hyperparameters, step constants, the scalar reference update;
 //! - `simd`: the vector variants and the run-time choice between them;
 //! - `parallel`: the thread pool and the split of a step's work across it;
+//! - `in_flight`: the memory of the updates running now; overlapping calls wait;
 //! - `bandwidth`: a plain in-place loop with the kernel's memory traffic, the
 //!   ceiling the benchmark measures against;
 //! - `python` (feature `python`): the PyO3 bindings, `keras_adamw._core`.
 
 pub mod aliasing;
 pub mod bandwidth;
+pub mod in_flight;
 pub mod math;
 pub mod parallel;
 #[cfg(feature = "python")]

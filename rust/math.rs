@@ -233,20 +233,34 @@ impl Hyperparams {
         let sign = if self.maximize { -1.0 } else { 1.0 };
         let grad_multiplier = sign / self.grad_scale.unwrap_or(1.0);
 
-        check(step_size.is_finite(), "learning_rate", || {
+        // The kernel computes in float32: a constant that overflows it would
+        // write infinities (or, for ε, freeze the weights while m and v move).
+        let overflows = |x: f64| !(x as f32).is_finite();
+        check(!overflows(step_size), "learning_rate", || {
             format!(
-                "gives a non-finite step size {step_size} at step {}",
-                self.step
+                "= {:e} gives a step size {step_size:e} at step {} that overflows float32",
+                self.learning_rate, self.step
             )
+        })?;
+        check(
+            !overflows(decay_scale) && !overflows(decay),
+            "weight_decay",
+            || {
+                format!(
+                    "= {:e} gives a decay rate {decay:e} per step that overflows float32",
+                    self.weight_decay
+                )
+            },
+        )?;
+        check(!overflows(epsilon), "epsilon", || {
+            format!("= {:e} overflows float32", self.epsilon)
         })?;
         check((epsilon as f32) > 0.0, "epsilon", || {
             format!("underflows float32 at step {} ({epsilon})", self.step)
         })?;
         check((grad_multiplier as f32).is_normal(), "grad_scale", || {
-            format!(
-                "has no normal float32 reciprocal, got {:?}",
-                self.grad_scale
-            )
+            let scale = self.grad_scale.unwrap_or(1.0);
+            format!("= {scale:e} has no normal float32 reciprocal")
         })?;
         Ok(StepConstants {
             grad_multiplier: grad_multiplier as f32,
@@ -409,8 +423,41 @@ mod tests {
                 "grad_scale",
             ),
         ];
-        for (hp, name) in bad {
-            assert_eq!(hp.constants().unwrap_err().argument, name);
+        let overflowing = [
+            (
+                Hyperparams {
+                    learning_rate: 2e39,
+                    ..Default::default()
+                },
+                "learning_rate",
+            ),
+            (
+                Hyperparams {
+                    weight_decay: 1e39,
+                    weight_decay_mode: DecayMode::Decoupled,
+                    ..Default::default()
+                },
+                "weight_decay",
+            ),
+            (
+                Hyperparams {
+                    weight_decay: 1e39,
+                    epsilon_mode: EpsilonMode::Torch,
+                    weight_decay_mode: DecayMode::Decoupled,
+                    ..Default::default()
+                },
+                "weight_decay",
+            ),
+            (
+                Hyperparams {
+                    epsilon: 1e39,
+                    ..Default::default()
+                },
+                "epsilon",
+            ),
+        ];
+        for (hp, name) in bad.into_iter().chain(overflowing) {
+            assert_eq!(hp.constants().unwrap_err().argument, name, "{hp:?}");
         }
         assert_eq!(
             EpsilonMode::parse("tf").unwrap_err().argument,

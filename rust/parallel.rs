@@ -6,7 +6,7 @@ use crate::math::{InvalidArgument, StepConstants};
 use crate::simd::{self, SimdLevel};
 use crate::{Sources, TensorSlices};
 use rayon::prelude::*;
-use rayon::{ThreadPool, ThreadPoolBuilder};
+use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
 use std::sync::{Arc, Mutex};
 
 /// Environment variable giving the default thread count.
@@ -20,7 +20,14 @@ const CHUNK: usize = 32 * 1024;
 /// Below this many elements in a step the calling thread does it all.
 const MIN_PARALLEL: usize = 4 * CHUNK;
 
-static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
+/// The pool and the process it was started in: a forked child inherits the
+/// parent's pool without its threads, so the child starts its own.
+struct Pool {
+    pid: u32,
+    threads: Arc<ThreadPool>,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
 fn default_threads() -> usize {
     std::env::var(THREADS_ENV_VAR)
@@ -30,25 +37,45 @@ fn default_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn build_pool(threads: usize) -> Arc<ThreadPool> {
+fn build_pool(threads: usize) -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
     let pool = ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("keras-adamw-{i}"))
-        .build()
-        .expect("failed to start the keras_adamw thread pool");
-    Arc::new(pool)
+        .build()?;
+    Ok(Arc::new(pool))
 }
 
-/// The shared pool, started on first use.
-pub fn pool() -> Arc<ThreadPool> {
+/// The shared pool, started on first use and again in a forked child (with
+/// the parent's thread count); an error when its threads cannot start.
+pub fn pool() -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    guard
-        .get_or_insert_with(|| build_pool(default_threads()))
-        .clone()
+    let pid = std::process::id();
+    let threads = match guard.take() {
+        Some(pool) if pool.pid == pid => {
+            let threads = pool.threads.clone();
+            *guard = Some(pool);
+            return Ok(threads);
+        }
+        Some(inherited) => {
+            let count = inherited.threads.current_num_threads();
+            // Its threads live only in the parent: dropping it here would
+            // signal threads that do not exist, so it is left alone.
+            std::mem::forget(inherited);
+            count
+        }
+        None => default_threads(),
+    };
+    let threads = build_pool(threads)?;
+    *guard = Some(Pool {
+        pid,
+        threads: threads.clone(),
+    });
+    Ok(threads)
 }
 
+/// The pool's thread count (1 when threads cannot start: steps then run on the caller).
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    pool().map_or(1, |pool| pool.current_num_threads())
 }
 
 /// Replaces the pool with one of `threads` threads (steps under way finish on the old one).
@@ -56,8 +83,16 @@ pub fn set_num_threads(threads: usize) -> Result<(), InvalidArgument> {
     if threads == 0 {
         return Err(InvalidArgument::new("n", "must be >= 1 threads, got 0"));
     }
-    let pool = build_pool(threads);
-    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    let threads_pool = build_pool(threads).map_err(|e| {
+        InvalidArgument::new(
+            "n",
+            format!("= {threads}: the threads could not start ({e})"),
+        )
+    })?;
+    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Some(Pool {
+        pid: std::process::id(),
+        threads: threads_pool,
+    });
     Ok(())
 }
 
@@ -130,5 +165,9 @@ where
         }
         chunks.push(rest);
     }
-    pool().install(|| chunks.into_par_iter().for_each(&f));
+    match pool() {
+        Ok(pool) => pool.install(|| chunks.into_par_iter().for_each(&f)),
+        // No threads to be had (a process or memory limit): the caller does it all.
+        Err(_) => chunks.into_iter().for_each(f),
+    }
 }

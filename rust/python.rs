@@ -3,14 +3,16 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
-use crate::{bandwidth, parallel, simd, xla_ffi, Sources, TensorSlices};
+use crate::xla_ffi::panic_message;
+use crate::{bandwidth, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyCapsule, PyDict};
+use pyo3::types::{PyBool, PyCapsule, PyDict, PyInt};
 use std::ffi::c_void;
+use std::panic::AssertUnwindSafe;
 use std::ptr::NonNull;
 
 impl From<InvalidArgument> for PyErr {
@@ -171,6 +173,8 @@ struct StepArrays<'py> {
     amsgrad_max: Option<ArrayList<'py>>,
     /// Out of place: the current params, exp_avgs, exp_avg_sqs (and amsgrad_max) to read.
     read_from: Vec<ArrayList<'py>>,
+    /// Every array's address range, claimed while the kernel runs.
+    regions: Vec<Region<()>>,
 }
 
 type Objects<'py> = Vec<Bound<'py, PyAny>>;
@@ -202,7 +206,7 @@ impl<'py> StepArrays<'py> {
             "read_from exp_avg_sqs",
             "read_from amsgrad_max",
         ];
-        let arrays = Self {
+        let mut arrays = Self {
             params: ArrayList::new("params", &params, true)?,
             grads: ArrayList::new("grads", &grads, false)?,
             exp_avgs: ArrayList::new("exp_avgs", &exp_avgs, true)?,
@@ -215,6 +219,7 @@ impl<'py> StepArrays<'py> {
                 .zip(SOURCE_NAMES)
                 .map(|(list, name)| ArrayList::new(name, list, false))
                 .collect::<PyResult<_>>()?,
+            regions: Vec::new(),
         };
         let mut written = vec![&arrays.params, &arrays.exp_avgs, &arrays.exp_avg_sqs];
         written.extend(arrays.amsgrad_max.as_ref());
@@ -233,6 +238,15 @@ impl<'py> StepArrays<'py> {
                 format!("shares memory with {name_1}[{i_1}]"),
             ));
         }
+        arrays.regions = regions
+            .into_iter()
+            .map(|r| Region {
+                label: (),
+                start: r.start,
+                len_bytes: r.len_bytes,
+                written: r.written,
+            })
+            .collect();
         Ok(arrays)
     }
 
@@ -290,8 +304,18 @@ impl<'py> StepArrays<'py> {
                 })
                 .collect()
         });
-        py.detach(|| work(tensors, sources));
-        Ok(())
+        let regions = std::mem::take(&mut self.regions);
+        py.detach(|| {
+            // Waits for calls in flight on overlapping memory (GIL released, so they can finish).
+            let _claim = in_flight::claim(&regions);
+            std::panic::catch_unwind(AssertUnwindSafe(|| work(tensors, sources)))
+        })
+        .map_err(|panic| {
+            PyRuntimeError::new_err(format!(
+                "keras_adamw: the update failed: {}",
+                panic_message(&*panic)
+            ))
+        })
     }
 }
 
@@ -313,9 +337,45 @@ fn dict_item<'py, T: for<'a> FromPyObject<'a, 'py>>(
     })
 }
 
+/// `dict[name]` as a bool: only True or False (a string such as "False" is not one).
+fn bool_item(dict: &Bound<'_, PyDict>, name: &str) -> PyResult<bool> {
+    let value = dict
+        .get_item(name)?
+        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
+    match value.cast::<PyBool>() {
+        Ok(flag) => Ok(flag.is_true()),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} must be True or False, got {}",
+            value.repr()?
+        ))),
+    }
+}
+
+/// `dict["step"]`: an int in [1, 2**64), not a bool.
+fn step_item(dict: &Bound<'_, PyDict>) -> PyResult<u64> {
+    let value = dict
+        .get_item("step")?
+        .ok_or_else(|| PyTypeError::new_err("missing hyperparameter step"))?;
+    let is_int = !value.is_instance_of::<PyBool>()
+        && (value.is_instance_of::<PyInt>() || value.hasattr("__index__")?);
+    if !is_int {
+        let type_name = value.get_type().name()?;
+        return Err(PyTypeError::new_err(format!(
+            "step must be an int (the 1-based count of this update), got {type_name}"
+        )));
+    }
+    match value.extract::<u64>() {
+        Ok(step) if step >= 1 => Ok(step),
+        _ => Err(invalid(
+            "step".into(),
+            format!("must be an int in [1, 2**64), got {value}"),
+        )),
+    }
+}
+
 /// The hyperparameters of one step, passed from Python as a dict.
 struct HyperparamsArg {
-    step: i64,
+    step: u64,
     learning_rate: f64,
     beta_1: f64,
     beta_2: f64,
@@ -334,7 +394,7 @@ impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
     fn extract(dict: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
         let dict = &dict.cast::<PyDict>()?.to_owned();
         Ok(Self {
-            step: dict_item(dict, "step", "an int (the 1-based count of this update)")?,
+            step: step_item(dict)?,
             learning_rate: dict_item(dict, "learning_rate", "a number")?,
             beta_1: dict_item(dict, "beta_1", "a number")?,
             beta_2: dict_item(dict, "beta_2", "a number")?,
@@ -343,7 +403,7 @@ impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
             epsilon_mode: dict_item(dict, "epsilon_mode", "a string")?,
             weight_decay_mode: dict_item(dict, "weight_decay_mode", "a string")?,
             decay_form: dict_item(dict, "decay_form", "a string or None")?,
-            maximize: dict_item(dict, "maximize", "a bool")?,
+            maximize: bool_item(dict, "maximize")?,
             grad_scale: dict_item(dict, "grad_scale", "a number or None")?,
         })
     }
@@ -351,10 +411,8 @@ impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
 
 impl HyperparamsArg {
     fn constants(&self) -> PyResult<StepConstants> {
-        let step = self.step;
         let hyperparams = Hyperparams {
-            step: u64::try_from(step)
-                .map_err(|_| invalid("step".into(), format!("must be >= 1, got {step}")))?,
+            step: self.step,
             learning_rate: self.learning_rate,
             beta_1: self.beta_1,
             beta_2: self.beta_2,

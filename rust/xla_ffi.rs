@@ -16,7 +16,7 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
-use crate::{parallel, simd, TensorSlices};
+use crate::{in_flight, parallel, simd, TensorSlices};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::mem::{offset_of, size_of};
 
@@ -80,6 +80,31 @@ const DTYPE_S32: c_int = 4;
 const DTYPE_S64: c_int = 5;
 const DTYPE_F32: c_int = 11;
 const DTYPE_F64: c_int = 12;
+
+/// An XLA dtype's name, for messages (`XLA_FFI_DataType` in c_api.h).
+fn dtype_name(dtype: c_int) -> String {
+    let name = match dtype {
+        DTYPE_PRED => "bool",
+        2 => "int8",
+        3 => "int16",
+        DTYPE_S32 => "int32",
+        DTYPE_S64 => "int64",
+        6 => "uint8",
+        7 => "uint16",
+        8 => "uint32",
+        9 => "uint64",
+        10 => "float16",
+        DTYPE_F32 => "float32",
+        DTYPE_F64 => "float64",
+        15 => "complex64",
+        16 => "bfloat16",
+        18 => "complex128",
+        19 => "float8_e5m2",
+        20 => "float8_e4m3fn",
+        _ => return format!("XLA dtype {dtype}"),
+    };
+    name.into()
+}
 
 /// `XLA_FFI_Args` and `XLA_FFI_Rets`, which share one layout.
 #[repr(C)]
@@ -169,10 +194,22 @@ pub unsafe extern "C" fn adamw_update(frame: *mut CallFrame) -> *mut XlaError {
     let (code, message) = match outcome {
         Ok(Ok(())) => return std::ptr::null_mut(),
         Ok(Err(e)) => (ERROR_INVALID_ARGUMENT, format!("keras_adamw: {e}")),
-        Err(_) => (ERROR_INTERNAL, "keras_adamw: the update panicked".into()),
+        Err(panic) => (
+            ERROR_INTERNAL,
+            format!("keras_adamw: the update failed: {}", panic_message(&*panic)),
+        ),
     };
     // SAFETY: `frame.api` is XLA's function table, valid for the call.
     unsafe { create_error(frame, code, &message) }
+}
+
+/// What a caught panic said (its payload is a `&str` or a `String` when it says anything).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Fills in the metadata XLA asks for when the handler is registered.
@@ -252,10 +289,7 @@ unsafe fn tensor(list: &BufferList, index: usize, label: &str) -> Result<Tensor,
     if buffer.dtype != DTYPE_F32 {
         return Err(invalid(
             label,
-            format!(
-                "must be float32 (XLA dtype {DTYPE_F32}), got XLA dtype {}",
-                buffer.dtype
-            ),
+            format!("must be float32, got {}", dtype_name(buffer.dtype)),
         ));
     }
     let dims = if buffer.rank == 0 {
@@ -292,8 +326,12 @@ unsafe fn scalar_operand(
         return Err(invalid(label, "must be a scalar"));
     }
     // SAFETY: a rank-0 buffer holds one element of its dtype (read unaligned to be safe).
-    unsafe { read_scalar(buffer.dtype, buffer.data) }
-        .ok_or_else(|| invalid(label, format!("has unsupported XLA dtype {}", buffer.dtype)))
+    unsafe { read_scalar(buffer.dtype, buffer.data) }.ok_or_else(|| {
+        invalid(
+            label,
+            format!("has unsupported dtype {}", dtype_name(buffer.dtype)),
+        )
+    })
 }
 
 /// # Safety
@@ -341,7 +379,10 @@ unsafe fn attributes(attrs: &Attrs) -> Result<Vec<(String, Attr)>, InvalidArgume
                 // SAFETY: the scalar's value has its dtype.
                 let number = unsafe { read_scalar(scalar.dtype, scalar.value) };
                 Attr::Number(number.ok_or_else(|| {
-                    invalid(&name, format!("has unsupported XLA dtype {}", scalar.dtype))
+                    invalid(
+                        &name,
+                        format!("has unsupported dtype {}", dtype_name(scalar.dtype)),
+                    )
                 })?)
             }
             ATTR_STRING => {
@@ -540,6 +581,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         return Err(invalid(name(b), format!("shares memory with {}", name(a))));
     }
 
+    let _claim = in_flight::claim(&regions);
     // Checked: every result is a distinct float32 buffer of its params' length.
     let mut columns = written.into_iter().map(|pairs| {
         pairs.into_iter().map(|(input, result)| {

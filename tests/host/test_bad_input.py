@@ -137,9 +137,27 @@ HYPER_CASES = [
     (dict(epsilon=0.0), ValueError, "epsilon must be a finite number > 0"),
     (dict(epsilon=float("inf")), ValueError, "epsilon must be a finite number > 0"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay must be a finite number >= 0"),
-    (dict(step=0), ValueError, "step must be >= 1"),
-    (dict(step=-3), ValueError, "step must be >= 1"),
-    (dict(step=1.5), TypeError, "step must be an int"),
+    (dict(step=0), ValueError, r"step must be an int in \[1, 2\*\*64\), got 0"),
+    (dict(step=-3), ValueError, r"step must be an int in \[1, 2\*\*64\), got -3"),
+    (dict(step=2**64), ValueError, r"step must be an int in \[1, 2\*\*64\), got 18446744"),
+    (dict(step=1.5), TypeError, "step must be an int .*, got float"),
+    (dict(step=True), TypeError, "step must be an int .*, got bool"),
+    (dict(maximize="False"), TypeError, "maximize must be True or False, got 'False'"),
+    (dict(maximize=1), TypeError, "maximize must be True or False, got 1"),
+    # Finite in float64, not in the float32 the kernel computes in.
+    (dict(learning_rate=2e39), ValueError, "learning_rate = 2e39 gives a step size .* overflows"),
+    (
+        dict(weight_decay=1e39, weight_decay_mode="decoupled"),
+        ValueError,
+        "weight_decay = 1e39 gives a decay rate .* overflows float32",
+    ),
+    (
+        dict(learning_rate=1e20, weight_decay=1e20),
+        ValueError,
+        "weight_decay = 1e20 gives a decay rate 1e40 per step that overflows float32",
+    ),
+    (dict(epsilon=1e39), ValueError, "epsilon = 1e39 overflows float32"),
+    (dict(grad_scale=1e-39), ValueError, "grad_scale = 1e-39 has no normal float32 reciprocal"),
     (dict(grad_scale=0.0), ValueError, "grad_scale must be a finite number > 0"),
     (dict(grad_scale=float("nan")), ValueError, "grad_scale must be a finite number > 0"),
     (dict(epsilon_mode="tf"), ValueError, 'epsilon_mode must be "keras" or "torch", got "tf"'),
@@ -207,3 +225,35 @@ def test_host_adamw_checks_its_hyperparameters_at_construction():
         host.HostAdamW([np.zeros(3)])
     with pytest.raises(ValueError, match="params is empty"):
         host.HostAdamW([])
+
+
+def valid_state():
+    """fresh() with the second moments (and their maxima) >= 0, as a real state has them."""
+    args = fresh()
+    for name in ("exp_avg_sqs", "amsgrad_max"):
+        args[name] = [np.abs(v) for v in args[name]]
+    return args
+
+
+def test_numpy_scalars_are_hyperparameters():
+    """NumPy scalars and 0-d arrays work where Python numbers do, with the same result."""
+    plain, numpy = valid_state(), valid_state()
+    host.adamw_update(**plain, step=3, learning_rate=0.5, beta_1=0.5, weight_decay=0.25)
+    host.adamw_update(
+        **numpy,
+        step=np.int64(3),
+        learning_rate=np.float64(0.5),
+        beta_1=np.array(0.5),
+        weight_decay=np.float32(0.25),
+        maximize=np.bool_(False),
+    )
+    for name in plain:
+        for a, b in zip(plain[name], numpy[name], strict=True):
+            assert np.array_equal(a, b), name
+
+
+def test_huge_steps_are_fine():
+    args = valid_state()
+    host.adamw_update(**args, step=2**63, learning_rate=0.1)
+    host.adamw_update(**args, step=2**64 - 1, learning_rate=0.1)
+    assert all(np.isfinite(p).all() for p in args["params"])

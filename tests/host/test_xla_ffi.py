@@ -154,9 +154,41 @@ def test_bad_arrays_are_refused_when_traced(replace, message):
         (dict(options=dict(epsilon=0.0)), "epsilon must be a finite number > 0"),
         (dict(options=dict(epsilon_mode="tf")), 'epsilon_mode must be "keras" or "torch"'),
         (dict(options=dict(decay_form="divide")), "decay_form must be"),
+        # Finite in float64, not in the float32 the kernel computes in.
+        (dict(options=dict(epsilon=1e39)), "epsilon = 1e39 overflows float32"),
+        (
+            dict(lr=1e38, options=dict(beta_1=0.999)),  # the step size is 31.6 lr at step 1
+            "learning_rate = 9.99.*e37 gives a step size .* overflows float32",
+        ),
+        (
+            dict(lr=1e20, wd=1e20),
+            "weight_decay = 1.0*2.*e20 gives a decay rate 1.0*4.*e40 per step that overflows",
+        ),
     ],
 )
 def test_bad_hyperparameters_raise_when_the_step_runs(kwargs, message):
     with pytest.raises(Exception, match=message) as raised:
         call(**kwargs)
     assert "keras_adamw" in str(raised.value)
+
+
+def test_a_buffer_of_another_dtype_is_named_in_the_error():
+    """Past the Python wrapper's checks, the handler names XLA dtypes as JAX does."""
+    bf16 = jnp.zeros(3, jnp.bfloat16)
+    call = jax.ffi.ffi_call(xla.register(), [jax.ShapeDtypeStruct((3,), jnp.bfloat16)] * 3)
+    with pytest.raises(Exception, match=r"params\[0\] must be float32, got bfloat16"):
+        jax.block_until_ready(
+            call(
+                jnp.asarray(1),
+                jnp.float32(1e-3),
+                jnp.float32(0.0),
+                *[bf16] * 4,
+                beta_1=np.float64(0.9),
+                beta_2=np.float64(0.999),
+                epsilon=np.float64(1e-7),
+                epsilon_mode="keras",
+                weight_decay_mode="coupled",
+                maximize=False,
+                amsgrad=False,
+            )
+        )
