@@ -12,6 +12,11 @@ runs it: TensorFlow in a tf.function (without XLA, as jit_compile="auto" does
 on a CPU-only machine; Keras's AdamW also with XLA), JAX jitted with the state
 donated and returned in one structure, torch eagerly. Then one epoch of `fit`
 of an embedding-heavy model. Median ms.
+
+    python benchmarks/keras_step.py --memory   # peak extra memory of a step instead
+
+The peak resident memory of a few steps on one large variable, above the
+memory after `build`, each contender in a process of its own (Linux).
 """
 
 from __future__ import annotations
@@ -159,10 +164,46 @@ def measure_fit(backend, steps, reps):
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
+def resident_bytes(field):
+    """VmRSS or VmHWM (the peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+
+def measure_memory(backend, name, total, steps):
+    """Peak resident memory of `name` on one variable of `total` parameters, in
+    units of the parameter size: over the first `steps` steps above the memory
+    right after `build`, then over `steps` more above the memory before them
+    (the steady state). One contender per process, so no other's freed memory
+    hides its own."""
+    import gc
+
+    import keras
+    import numpy as np
+
+    variables = [keras.Variable(np.ones(total, np.float32))]
+    grads = [keras.ops.convert_to_tensor(np.full(total, 1e-3, np.float32))]
+    step = step_function(backend, contenders(backend)[name](), variables, grads, xla=name == XLA)
+    peaks = []
+    for _ in range(2):
+        gc.collect()
+        before = resident_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # the peak (VmHWM) starts again from the memory now
+        for _ in range(steps):
+            step()
+        peaks.append((resident_bytes("VmHWM") - before) / (4 * total))
+    return peaks
+
+
 def run_backend(args):
     import keras
 
     backend = keras.backend.backend()
+    if args.memory_of:
+        total = parse_size(args.memory_size)
+        print(json.dumps(measure_memory(backend, args.memory_of, total, args.memory_steps)))
+        return
     report = {"backend": backend, "steps": [], "fit": None}
     for size in args.sizes.split(","):
         for tensors in map(int, args.tensors.split(",")):
@@ -195,6 +236,53 @@ def print_report(report):
         print(f"    {name:<28} {seconds:7.2f} s   x keras {keras_s / seconds:5.2f}")
 
 
+def report_memory(args):
+    """Processes per backend and contender, interleaved; prints the median peaks."""
+    print(
+        f"Peak extra resident memory of one {args.memory_size}-parameter float32 variable,"
+        " x the parameter size, median of"
+        f" {args.memory_reps} processes: over the first {args.memory_steps} steps (above the"
+        f" memory after build), and over {args.memory_steps} steps after those:"
+    )
+    runs = {
+        (backend, name): []
+        for backend in installed(args.backends.split(","))
+        for name in contender_names(backend)
+    }
+    for _ in range(args.memory_reps):
+        for (backend, name), results in runs.items():
+            child = [sys.executable, __file__, "--child", "--memory-of", name, *sys.argv[1:]]
+            out = subprocess.run(child, env=backend_env(backend), capture_output=True, text=True)
+            if out.returncode == 0:
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                print(f"  {backend} {name} failed: {out.stderr.strip()[-300:]}")
+    for (backend, name), results in runs.items():
+        if results:
+            first, steady = (statistics.median(r[k] for r in results) for k in range(2))
+            print(f"  {backend:<11} {name:<28} first {first:+6.2f}x   steady {steady:+6.2f}x")
+
+
+def contender_names(backend):
+    """The names `contenders` gives, without importing Keras (the parent process)."""
+    xla = [XLA] if backend == "tensorflow" else []
+    ours = ["keras_adamw ops", "keras_adamw host", "keras_adamw host, offloaded"]
+    return ["keras.optimizers.AdamW", *xla, *ours]
+
+
+def installed(backends):
+    modules = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+    for backend in backends:
+        if importlib.util.find_spec(modules[backend]) is None:
+            print(f"\n== {backend}: not installed, skipped")
+        else:
+            yield backend
+
+
+def backend_env(backend):
+    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,19 +293,23 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--fit-steps", type=int, default=50)
     parser.add_argument("--fit-reps", type=int, default=3)
+    parser.add_argument(
+        "--memory", action="store_true", help="peak extra memory of a step instead of time"
+    )
+    parser.add_argument("--memory-size", default="128M")
+    parser.add_argument("--memory-steps", type=int, default=5)
+    parser.add_argument("--memory-reps", type=int, default=3)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_backend(args)
+    if args.memory:
+        return report_memory(args)
 
-    modules = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-    for backend in args.backends.split(","):
-        if importlib.util.find_spec(modules[backend]) is None:
-            print(f"\n== {backend}: not installed, skipped")
-            continue
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    for backend in installed(args.backends.split(",")):
         child = [sys.executable, __file__, "--child", *sys.argv[1:]]
-        out = subprocess.run(child, env=env, capture_output=True, text=True)
+        out = subprocess.run(child, env=backend_env(backend), capture_output=True, text=True)
         if out.returncode != 0:
             print(f"\n== {backend}: failed\n{out.stderr[-3000:]}")
             continue

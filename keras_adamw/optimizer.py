@@ -219,12 +219,14 @@ class AdamW(keras.optimizers.Optimizer):
         if self.offload_state:
             # Host memory owned by the optimizer, not Keras variables; none for the
             # variables Keras gives no slots (overwrite_with_gradient: float8 scales).
+            # Written now (np.full, not np.zeros' untouched pages), as Keras
+            # variables are: memory that does not fit fails here, not mid-step.
             slots = 3 if self.amsgrad else 2
             state = [
                 [
                     None
                     if self._overwrite_variable_with_gradient(v)
-                    else np.zeros(v.shape, np.float32)
+                    else np.full(v.shape, 0.0, np.float32)
                     for v in var_list
                 ]
                 for _ in range(slots)
