@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -13,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adamw import host, xla
+from keras_adamw import backends, host
 from keras_adamw._checks import flag as _flag
 from keras_adamw._checks import real as _real
 
@@ -214,8 +213,7 @@ class AdamW(keras.optimizers.Optimizer):
         # update_step sees raw tf.Variables); update_step looks them up by index.
         self._variable_factors = [self._factors_for(v) for v in var_list]
         self._on_host = self._resolve_implementation(var_list)
-        self._tf_results = _ResultArrays()
-        self._staging = _StagingBuffers()
+        self._host_path = backends.current().HostPath(self)
         if self.offload_state:
             # Host memory owned by the optimizer, not Keras variables; none for the
             # variables Keras gives no slots (overwrite_with_gradient: float8 scales).
@@ -258,17 +256,13 @@ class AdamW(keras.optimizers.Optimizer):
         """The base class decays before update_step; ours decays inside it."""
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        grads = [_dense(grad) for grad in grads]
-        if self._on_host and not self._falls_back_to_ops():
-            self._host_update_step(grads, trainable_variables, learning_rate)
+        grads = [backends.current().dense(grad) for grad in grads]
+        if self._on_host and not self._host_path.falls_back_to_ops():
+            # One step in the Rust kernel, as the backend's module runs it.
+            indices = [self._get_variable_index(v) for v in trainable_variables]
+            self._host_path.update_step(grads, trainable_variables, learning_rate, indices)
         else:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
-
-    def _falls_back_to_ops(self) -> bool:
-        """XLA cannot compile TF's host path: "auto" then takes the ops path,
-        which shares the slot variables (offloaded state has none)."""
-        automatic = self.implementation == "auto" and not self.offload_state
-        return automatic and _tf_compiles_with_xla()
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -327,51 +321,16 @@ class AdamW(keras.optimizers.Optimizer):
             return 1.0
         return schedule_lr / self._peak_learning_rate
 
-    def _host_update_step(self, grads, variables, learning_rate):
-        """One step in the Rust kernel: in place on torch, as an XLA custom
-        call inside JAX's compiled step, in a tf.numpy_function on TensorFlow."""
-        indices = [self._get_variable_index(v) for v in variables]
-        if keras.backend.backend() == "jax":
-            if self.offload_state:
-                return self._jax_offloaded_update_step(grads, variables, learning_rate, indices)
-            return self._jax_kernel_update_step(grads, variables, learning_rate, indices)
-        if keras.backend.backend() == "tensorflow":
-            return self._tf_host_update_step(grads, variables, learning_rate, indices)
-        self._torch_host_update_step(grads, variables, learning_rate, indices)
-
-    def _torch_host_update_step(self, grads, variables, learning_rate, indices):
-        """In place on CPU variables. With offloaded state, variables on an
-        accelerator are staged: parameters and gradients are copied into host
-        buffers, updated there, and the parameters copied back."""
-        import torch
-
-        params = [variable.value for variable in variables]
-        grads = [_contiguous(grad) for grad in grads]
-        staged = [k for k, param in enumerate(params) if _on_accelerator(param)]
-        device_params = {k: params[k] for k in staged}
-        for k in staged:
-            params[k] = self._staging.copy_in(("param", indices[k]), params[k])
-            grads[k] = self._staging.copy_in(("grad", indices[k]), grads[k])
-        self._run_kernel(
-            int(ops.convert_to_numpy(self.iterations)) + 1,
-            float(ops.convert_to_numpy(learning_rate)),
-            float(ops.convert_to_numpy(self.weight_decay)),
-            indices,
-            [_numpy_view(param) for param in params],
-            [_numpy_view(grad) for grad in grads],
-            self._slots(indices),
-        )
-        with torch.no_grad():
-            for k, device_param in device_params.items():
-                device_param.copy_(params[k])
+    # -- the host path: what every backend's module (keras_adamw/backends/) shares --
 
     def _slot_lists(self) -> list:
         """[momenta, velocities] and, with AMSGrad, velocity_hats: one entry per variable."""
         return [self._momentums, self._velocities] + ([self._velocity_hats] if self.amsgrad else [])
 
     def _slots(self, indices):
-        """(momenta, velocities, velocity_hats or None) of these variables, as host memory."""
-        picked = [[_host_slot(slot[i]) for i in indices] for slot in self._slot_lists()]
+        """(momenta, velocities, velocity_hats or None) of these variables: Keras
+        variables, or host arrays when offloaded."""
+        picked = [[slot[i] for i in indices] for slot in self._slot_lists()]
         return picked[0], picked[1], picked[2] if self.amsgrad else None
 
     def _groups(self, indices) -> dict:
@@ -394,116 +353,6 @@ class AdamW(keras.optimizers.Optimizer):
             "decay_form": "multiply" if self._multiplicative_decay else "subtract",
             "maximize": self.maximize,
         }
-
-    def _jax_kernel_update_step(self, grads, variables, learning_rate, indices):
-        """The kernel as an XLA custom call on the variables' buffers (in place:
-        Keras's JAX trainer donates the parameters and state)."""
-        step = ops.convert_to_tensor(self.iterations + 1)
-        lr = ops.cast(learning_rate, "float32")
-        wd = ops.cast(self.weight_decay, "float32")
-        for (lr_factor, wd_factor), positions in self._groups(indices).items():
-            group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
-            written = [[variables[k] for k in positions]]
-            written += [[slot[indices[k]] for k in positions] for slot in self._slot_lists()]
-            params, *state = [[v.value for v in group] for group in written]
-            new_values = xla.adamw_update(
-                step,
-                group_lr,
-                decay,
-                params,
-                [ops.cast(grads[k], "float32") for k in positions],
-                *state,
-                beta_1=self.beta_1,
-                beta_2=self.beta_2,
-                epsilon=self.epsilon,
-                **self._kernel_options(),
-            )
-            for group, values in zip(written, new_values, strict=False):  # no AMSGrad: 3 of 4
-                for variable, value in zip(group, values, strict=True):
-                    variable.assign(value)
-
-    def _jax_offloaded_update_step(self, grads, variables, learning_rate, indices):
-        """The state stays in host arrays that an ordered callback updates:
-        only the parameters and gradients cross, as in ZeRO-Offload."""
-        import jax
-        from jax.experimental import io_callback
-
-        # JAX computes the update on every step and discards it between
-        # accumulation boundaries; host state must not see those steps.
-        accumulation = self.gradient_accumulation_steps
-        applies = (self._iterations + 1) % accumulation == 0 if accumulation else True
-
-        def offloaded(applies, step, lr, wd, params, grads):
-            params = [np.array(p) for p in params]  # writable copies
-            if applies:
-                grads = [np.asarray(g) for g in grads]
-                slots = self._slots(indices)
-                self._run_kernel(int(step), float(lr), float(wd), indices, params, grads, slots)
-            return params
-
-        params = [variable.value for variable in variables]
-        new_params = io_callback(
-            offloaded,
-            [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],
-            ops.convert_to_tensor(applies),
-            *map(ops.convert_to_tensor, (self.iterations + 1, learning_rate, self.weight_decay)),
-            params,
-            grads,
-            ordered=True,
-        )
-        for variable, value in zip(variables, new_params, strict=True):
-            variable.assign(value)
-
-    def _tf_host_update_step(self, grads, variables, learning_rate, indices):
-        """The kernel in a `tf.numpy_function`. TF hands the function views of
-        buffers it may share between variables (one zeros buffer behind every
-        fresh slot), so the kernel only reads them: it writes the step's results
-        into host arrays (out of place, in the same pass), which are assigned to
-        the variables."""
-        import tensorflow as tf
-
-        if _tf_compiles_with_xla():
-            raise ValueError(
-                'implementation="host" and offload_state on TensorFlow run the kernel in '
-                "tf.numpy_function, which XLA cannot compile: compile the model with "
-                'jit_compile=False (jit_compile="auto" uses XLA when TF sees a GPU), '
-                'or use implementation="ops"'
-            )
-        n = len(variables)
-        state = [] if self.offload_state else [s[i] for s in self._slot_lists() for i in indices]
-        written = list(variables) + state
-
-        def kernel(step, lr, wd, *arrays):
-            # params, grads, then each slot list (not offloaded): n arrays each
-            params_in, grads, *state_in = (arrays[k : k + n] for k in range(0, len(arrays), n))
-            results = [
-                [self._tf_results.array((k, i), x.shape) for i, x in zip(indices, xs, strict=True)]
-                for k, xs in enumerate([params_in, *state_in])
-            ]
-            hyperparameters = int(step), float(lr), float(wd), indices
-            if self.offload_state:  # the state is host memory of ours: in place
-                for result, current in zip(results[0], params_in, strict=True):
-                    np.copyto(result, current)
-                slots = self._slots(indices)
-                self._run_kernel(*hyperparameters, results[0], list(grads), slots)
-            else:
-                slots = results[1], results[2], results[3] if self.amsgrad else None
-                read_from = [params_in, *state_in]
-                self._run_kernel(*hyperparameters, results[0], list(grads), slots, read_from)
-            return [x for result in results for x in result]
-
-        scalars = [self.iterations + 1, learning_rate, self.weight_decay]
-        dense_grads = [tf.cast(tf.convert_to_tensor(g), "float32") for g in grads]
-        new_values = tf.numpy_function(
-            kernel,
-            [*scalars, *[v.value for v in variables], *dense_grads, *[v.value for v in state]],
-            [tf.float32] * len(written),
-            stateful=True,
-        )
-        if len(written) == 1:  # run eagerly, numpy_function returns a lone output bare
-            new_values = tf.nest.flatten(new_values)
-        for variable, value in zip(written, new_values, strict=True):
-            self.assign(variable, tf.reshape(value, variable.shape))
 
     def _run_kernel(self, step, lr, wd, indices, params, grads, slots, read_from=None):
         """The host kernel over aligned lists, one call per parameter group
@@ -747,137 +596,19 @@ def _peak_learning_rate(learning_rate) -> float:
 
 def _host_unsupported_reason(var_list, offload_state) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
-    backend = keras.backend.backend()
+    backend = backends.current()
     for variable in var_list:
         path = _path(variable)
         if not isinstance(variable, keras.Variable):
             return f"Keras variables ({path} is a {type(variable).__name__})"
         if str(variable.dtype) != "float32":
             return f"float32 variables ({path} is {variable.dtype})"
-        if backend == "tensorflow" and _is_distributed(variable.value):
-            return f"variables outside tf.distribute ({path} is distributed)"
-        devices = _devices(variable.value)
-        if len(devices) > 1:
-            return f"variables on one device ({path} is on {len(devices)})"
-        if not offload_state:
-            (device,) = devices
-            if device != "cpu":
-                return f"variables in CPU memory ({path} is on {device})"
+        reason = backend.unsupported_reason(variable, offload_state)
+        if reason is not None:
+            return reason
     return None
 
 
 def _path(variable) -> str:
     """A Keras variable's path; a raw backend variable's name (TF: "Variable:0")."""
     return getattr(variable, "path", None) or variable.name
-
-
-def _dense(gradient):
-    """A sparse gradient as a dense tensor, duplicate rows summed as the dense
-    gradient has them (squaring each slice apart would give v Σg² for (Σg)²)."""
-    kind = type(gradient).__name__
-    if kind == "IndexedSlices":  # TensorFlow: the conversion sums duplicate rows
-        import tensorflow as tf
-
-        return tf.convert_to_tensor(gradient)
-    if kind == "BCOO":  # JAX sparse: todense sums duplicate entries
-        return gradient.todense()
-    return gradient
-
-
-def _tf_compiles_with_xla() -> bool:
-    """Whether TensorFlow is tracing for XLA here (jit_compile=True)."""
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    try:  # TF's own check, not public API: without it, TF's error on XLA compilation stands
-        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-    except ImportError:
-        return False
-    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _devices(value) -> list[str]:
-    """The platform of each device a torch tensor, JAX array or tf.Variable lives on."""
-    if hasattr(value, "devices"):  # a JAX array
-        return [device.platform for device in value.devices()]
-    if isinstance(value.device, str):  # TensorFlow
-        import tensorflow as tf
-
-        return [(tf.DeviceSpec.from_string(value.device).device_type or "cpu").lower()]
-    return [value.device.type]
-
-
-def _is_distributed(value) -> bool:
-    import tensorflow as tf
-
-    return isinstance(value, tf.distribute.DistributedValues)
-
-
-class _ResultArrays:
-    """Host arrays the TensorFlow host path writes results into and hands to TF.
-
-    TF may keep a returned array as a variable's memory, so an array is
-    written again only once nothing but this pool refers to it; reusing
-    arrays spares each step the page faults of fresh large allocations.
-    """
-
-    KEEP = 3  # per key: the variable's current memory, the next result, a spare
-
-    def __init__(self):
-        self._arrays = {}
-
-    def array(self, key, shape) -> np.ndarray:
-        arrays = self._arrays.setdefault(key, [])
-        for array in arrays:
-            # References: the list, `array`, and getrefcount's own argument.
-            if sys.getrefcount(array) == 3 and array.shape == shape:
-                return array
-        fresh = _aligned_empty(shape)
-        if len(arrays) < self.KEEP:
-            arrays.append(fresh)
-        return fresh
-
-
-class _StagingBuffers:
-    """Host buffers (pinned when CUDA is there) for torch tensors staged from an accelerator."""
-
-    def __init__(self):
-        self._buffers = {}
-
-    def copy_in(self, key, tensor):
-        import torch
-
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape:
-            pinned = torch.cuda.is_available()
-            buffer = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=pinned)
-            self._buffers[key] = buffer
-        buffer.copy_(tensor)
-        return buffer
-
-
-def _on_accelerator(tensor) -> bool:
-    return tensor.device.type != "cpu"
-
-
-def _aligned_empty(shape, alignment=64) -> np.ndarray:
-    """A float32 array at a 64-byte aligned address, which TF takes without copying."""
-    size = math.prod(shape)
-    raw = np.empty(size + alignment // 4, np.float32)
-    start = (-raw.ctypes.data % alignment) // 4
-    return raw[start : start + size].reshape(shape)
-
-
-def _host_slot(slot):
-    """A slot's memory: a NumPy view of a (torch) Keras variable, or an offloaded array."""
-    return slot if isinstance(slot, np.ndarray) else _numpy_view(slot.value)
-
-
-def _numpy_view(tensor) -> np.ndarray:
-    """A CPU torch tensor's memory as a NumPy array (the kernel's cheapest argument)."""
-    return tensor.detach().numpy()
-
-
-def _contiguous(tensor):
-    return tensor if tensor.is_contiguous() else tensor.contiguous()

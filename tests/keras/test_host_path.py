@@ -75,14 +75,14 @@ def test_host_path_matches_the_ops_path(kwargs, offload_state):
 def test_torch_offload_stages_accelerator_variables_through_host_buffers(name, monkeypatch):
     """No accelerator here: CPU tensors are taken for accelerator ones, so the
     staging path (copy in, update on the host, copy back) runs as it would."""
-    from keras_adamw import optimizer as module
+    from keras_adamw.backends import torch as module
 
     staged = []
-    monkeypatch.setattr(module, "_on_accelerator", lambda tensor: staged.append(tensor) or True)
+    monkeypatch.setattr(module, "on_accelerator", lambda tensor: staged.append(tensor) or True)
     ops = apply_steps(AdamW(implementation="ops", **FEATURES[name]))
     offloaded = AdamW(offload_state=True, **FEATURES[name])
     on_host = apply_steps(offloaded)
-    assert staged and offloaded._staging._buffers
+    assert staged and offloaded._host_path.staging.buffers
     assert max_difference(on_host, ops) <= 1e-6
 
 

@@ -1,0 +1,29 @@
+"""Each Keras backend's host path, one module each, behind one interface.
+
+A backend module has:
+
+- ``unsupported_reason(variable, offload_state) -> str | None``: why the host
+  kernel cannot update this float32 Keras variable on this backend (its
+  device, its distribution), or None when it can;
+- ``dense(gradient)``: a sparse gradient of this backend as a dense tensor,
+  duplicate rows summed as the dense gradient has them;
+- ``HostPath(optimizer)``, made at ``build``, with
+  ``falls_back_to_ops() -> bool`` (whether this trace must take the ops
+  path) and ``update_step(grads, variables, learning_rate, indices)`` (one
+  step in the host kernel, through the optimizer's ``_run_kernel``).
+
+A module imports its backend's library only when called, and only the module
+of the backend Keras runs on is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import keras
+
+
+def current() -> ModuleType:
+    """The module of the backend Keras runs on."""
+    return importlib.import_module(f"keras_adamw.backends.{keras.backend.backend()}")

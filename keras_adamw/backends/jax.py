@@ -1,0 +1,104 @@
+"""The host path on the JAX backend: the kernel as an XLA custom call on the
+variables' buffers inside the compiled step (in place when they are donated,
+as Keras's trainer does); with offloaded state, an ordered host callback."""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import ops
+
+from keras_adamw import xla
+
+
+def unsupported_reason(variable, offload_state) -> str | None:
+    value = variable.value
+    platforms = [device.platform for device in value.devices()]
+    if len(platforms) > 1:
+        return f"variables on one device ({variable.path} is on {len(platforms)})"
+    if platforms[0] != "cpu" and not offload_state:
+        return f"variables in CPU memory ({variable.path} is on {platforms[0]})"
+    return None
+
+
+def dense(gradient):
+    if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
+        return gradient.todense()
+    return gradient
+
+
+class HostPath:
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def falls_back_to_ops(self) -> bool:
+        return False
+
+    def update_step(self, grads, variables, learning_rate, indices):
+        if self.optimizer.offload_state:
+            self.offloaded_update_step(grads, variables, learning_rate, indices)
+        else:
+            self.kernel_update_step(grads, variables, learning_rate, indices)
+
+    def kernel_update_step(self, grads, variables, learning_rate, indices):
+        """The kernel as an XLA custom call on the variables' buffers (in place:
+        Keras's JAX trainer donates the parameters and state)."""
+        optimizer = self.optimizer
+        step = ops.convert_to_tensor(optimizer.iterations + 1)
+        lr = ops.cast(learning_rate, "float32")
+        wd = ops.cast(optimizer.weight_decay, "float32")
+        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+            group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
+            written = [[variables[k] for k in positions]]
+            written += [[slot[indices[k]] for k in positions] for slot in optimizer._slot_lists()]
+            params, *state = [[v.value for v in group] for group in written]
+            new_values = xla.adamw_update(
+                step,
+                group_lr,
+                decay,
+                params,
+                [ops.cast(grads[k], "float32") for k in positions],
+                *state,
+                beta_1=optimizer.beta_1,
+                beta_2=optimizer.beta_2,
+                epsilon=optimizer.epsilon,
+                **optimizer._kernel_options(),
+            )
+            for group, values in zip(written, new_values, strict=False):  # no AMSGrad: 3 of 4
+                for variable, value in zip(group, values, strict=True):
+                    variable.assign(value)
+
+    def offloaded_update_step(self, grads, variables, learning_rate, indices):
+        """The state stays in host arrays that an ordered callback updates:
+        only the parameters and gradients cross, as in ZeRO-Offload."""
+        import jax
+        from jax.experimental import io_callback
+
+        optimizer = self.optimizer
+        # JAX computes the update on every step and discards it between
+        # accumulation boundaries; host state must not see those steps.
+        accumulation = optimizer.gradient_accumulation_steps
+        applies = (optimizer._iterations + 1) % accumulation == 0 if accumulation else True
+
+        def offloaded(applies, step, lr, wd, params, grads):
+            params = [np.array(p) for p in params]  # writable copies
+            if applies:
+                grads = [np.asarray(g) for g in grads]
+                slots = optimizer._slots(indices)
+                optimizer._run_kernel(
+                    int(step), float(lr), float(wd), indices, params, grads, slots
+                )
+            return params
+
+        params = [variable.value for variable in variables]
+        scalars = (optimizer.iterations + 1, learning_rate, optimizer.weight_decay)
+        new_params = io_callback(
+            offloaded,
+            [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],
+            ops.convert_to_tensor(applies),
+            *map(ops.convert_to_tensor, scalars),
+            params,
+            grads,
+            ordered=True,
+        )
+        for variable, value in zip(variables, new_params, strict=True):
+            variable.assign(value)
