@@ -257,11 +257,11 @@ class AdamW(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         grads = [backends.current().dense(grad) for grad in grads]
-        if self._on_host and not self._host_path.falls_back_to_ops():
-            # One step in the Rust kernel, as the backend's module runs it.
-            indices = [self._get_variable_index(v) for v in trainable_variables]
-            self._host_path.update_step(grads, trainable_variables, learning_rate, indices)
-        else:
+        indices = [self._get_variable_index(v) for v in trainable_variables]
+        path = self._host_path
+        if self._on_host and not path.falls_back_to_ops():
+            path.update_step(grads, trainable_variables, learning_rate, indices)  # the Rust kernel
+        elif not path.ops_update_step(grads, trainable_variables, learning_rate, indices):
             super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):

@@ -9,8 +9,11 @@ A backend module has:
   duplicate rows summed as the dense gradient has them;
 - ``HostPath(optimizer)``, made at ``build``, with
   ``falls_back_to_ops() -> bool`` (whether this trace must take the ops
-  path) and ``update_step(grads, variables, learning_rate, indices)`` (one
-  step in the host kernel, through the optimizer's ``_run_kernel``).
+  path), ``update_step(grads, variables, learning_rate, indices)`` (one
+  step in the host kernel, through the optimizer's ``_run_kernel``) and
+  ``ops_update_step(...) -> bool`` (the backend's fastest update where the
+  host kernel does not run; False, having done nothing, leaves the step to
+  the keras.ops update).
 
 A module imports its backend's library only when called, and only the module
 of the backend Keras runs on is imported.

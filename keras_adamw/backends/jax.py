@@ -33,6 +33,9 @@ class HostPath:
     def falls_back_to_ops(self) -> bool:
         return False
 
+    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+        return False  # XLA fuses the keras.ops update
+
     def update_step(self, grads, variables, learning_rate, indices):
         if self.optimizer.offload_state:
             self.offloaded_update_step(grads, variables, learning_rate, indices)

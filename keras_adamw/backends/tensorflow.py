@@ -57,6 +57,9 @@ class HostPath:
         automatic = optimizer.implementation == "auto" and not optimizer.offload_state
         return automatic and compiles_with_xla()
 
+    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+        return False  # XLA fuses the keras.ops update
+
     def update_step(self, grads, variables, learning_rate, indices):
         import tensorflow as tf
 

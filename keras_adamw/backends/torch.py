@@ -41,6 +41,60 @@ class HostPath:
     def falls_back_to_ops(self) -> bool:
         return False
 
+    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+        """Where the host kernel does not run: the update as `torch._foreach_*`
+        ops, one call of each per parameter group, as Keras's torch AdamW does
+        (keras/src/backend/torch/optimizers/torch_adam.py); False, having done
+        nothing, for variables of mixed devices or dtypes (the per-variable
+        keras.ops update then runs). torch's fused AdamW kernel would be
+        faster still, but rounds apart from Keras by up to 3e-6 over 100 steps
+        of `fit`."""
+        import torch
+
+        optimizer = self.optimizer
+        params = [variable.value for variable in variables]
+        if len({(param.device, param.dtype) for param in params}) != 1:
+            return False
+        dtype = params[0].dtype
+        lr = ops.cast(learning_rate, dtype)
+        wd = ops.cast(optimizer.weight_decay, dtype)
+        local_step = ops.cast(optimizer.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(optimizer.beta_1, dtype), local_step)
+        beta_2_power = ops.power(ops.cast(optimizer.beta_2, dtype), local_step)
+        grads = [grad.to(dtype) for grad in grads]
+        if optimizer.maximize:
+            grads = torch._foreach_neg(grads)
+        momenta, velocities, velocity_hats = optimizer._slots(indices)
+        with torch.no_grad():  # Keras's variables are leaves that require grad
+            for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+                group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
+                p = [params[k] for k in positions]
+                g = [grads[k] for k in positions]
+                m = [momenta[k].value for k in positions]
+                v = [velocities[k].value for k in positions]
+                if wd_factor != 0.0:
+                    torch._foreach_mul_(p, 1 - decay)  # p·(1 − lr·wd), as Keras on torch
+                torch._foreach_mul_(m, optimizer.beta_1)
+                torch._foreach_add_(m, g, alpha=1 - optimizer.beta_1)
+                torch._foreach_mul_(v, optimizer.beta_2)
+                torch._foreach_add_(v, torch._foreach_mul(g, g), alpha=1 - optimizer.beta_2)
+                if velocity_hats is not None:
+                    v_hat = [velocity_hats[k].value for k in positions]
+                    torch._foreach_maximum_(v_hat, v)
+                    v = v_hat
+                if optimizer.epsilon_mode == "keras":
+                    alpha = group_lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+                    denominator = torch._foreach_add(torch._foreach_sqrt(v), optimizer.epsilon)
+                else:
+                    alpha = group_lr / (1 - beta_1_power)
+                    denominator = torch._foreach_div(
+                        torch._foreach_sqrt(v), ops.sqrt(1 - beta_2_power)
+                    )
+                    torch._foreach_add_(denominator, optimizer.epsilon)
+                step = torch._foreach_div(torch._foreach_mul(m, alpha), denominator)
+                torch._foreach_add_(p, step, alpha=-1)
+        return True
+
     def update_step(self, grads, variables, learning_rate, indices):
         """In place on CPU variables. With offloaded state, variables on an
         accelerator are staged: parameters and gradients are copied into host
