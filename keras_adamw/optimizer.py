@@ -56,7 +56,8 @@ class AdamW(keras.optimizers.Optimizer):
             the first pattern found in ``variable.path`` gives its factor
             (1 if none matches).
         maximize: ascend instead of descend.
-        implementation: ``"ops"`` (keras.ops); ``"host"``, the Rust kernel on
+        implementation: ``"ops"`` (keras.ops; on torch, ``torch._foreach``
+            ops per parameter group, as Keras's torch AdamW); ``"host"``, the Rust kernel on
             float32 variables in CPU memory: in place on torch, an XLA custom
             call on the donated buffers inside JAX's compiled step, a
             ``tf.numpy_function`` writing host arrays that TF then assigns

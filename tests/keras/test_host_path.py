@@ -201,3 +201,16 @@ def test_values_read_out_of_the_variables_do_not_change_with_later_steps():
         np.testing.assert_array_equal(a, b)
     trained = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
     assert any(not np.array_equal(a, b) for a, b in zip(trained, kept, strict=False))
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's foreach path")
+def test_torch_ops_path_runs_foreach_over_groups_not_per_variable(monkeypatch):
+    """Matched against Keras and the host kernel by the parity tests; here, that
+    those tests exercise the batched path and not the per-variable fallback."""
+
+    def per_variable(*args):
+        raise AssertionError("the per-variable update ran")
+
+    monkeypatch.setattr(AdamW, "update_step", per_variable)
+    fit(AdamW(implementation="ops", **FEATURES["groups"]), steps=3)
+    fit(AdamW(implementation="ops", amsgrad=True, epsilon_mode="torch", maximize=True), steps=3)
