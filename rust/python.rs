@@ -174,7 +174,7 @@ struct StepArrays<'py> {
     /// Out of place: the current params, exp_avgs, exp_avg_sqs (and amsgrad_max) to read.
     read_from: Vec<ArrayList<'py>>,
     /// Every array's address range, claimed while the kernel runs.
-    regions: Vec<Region<()>>,
+    regions: Vec<Region<(&'static str, usize)>>,
 }
 
 type Objects<'py> = Vec<Bound<'py, PyAny>>;
@@ -238,15 +238,7 @@ impl<'py> StepArrays<'py> {
                 format!("shares memory with {name_1}[{i_1}]"),
             ));
         }
-        arrays.regions = regions
-            .into_iter()
-            .map(|r| Region {
-                label: (),
-                start: r.start,
-                len_bytes: r.len_bytes,
-                written: r.written,
-            })
-            .collect();
+        arrays.regions = regions;
         Ok(arrays)
     }
 
@@ -319,15 +311,19 @@ impl<'py> StepArrays<'py> {
     }
 }
 
+/// `dict[name]`, or a `TypeError` saying it is missing.
+fn required<'py>(dict: &Bound<'py, PyDict>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    dict.get_item(name)?
+        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))
+}
+
 /// `dict[name]` as a `T`, or a `TypeError` saying what `name` must be.
 fn dict_item<'py, T: for<'a> FromPyObject<'a, 'py>>(
     dict: &Bound<'py, PyDict>,
     name: &str,
     kind: &str,
 ) -> PyResult<T> {
-    let value = dict
-        .get_item(name)?
-        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
+    let value = required(dict, name)?;
     value.extract().map_err(|_| {
         let type_name = value
             .get_type()
@@ -339,9 +335,7 @@ fn dict_item<'py, T: for<'a> FromPyObject<'a, 'py>>(
 
 /// `dict[name]` as a bool: only True or False (a string such as "False" is not one).
 fn bool_item(dict: &Bound<'_, PyDict>, name: &str) -> PyResult<bool> {
-    let value = dict
-        .get_item(name)?
-        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))?;
+    let value = required(dict, name)?;
     match value.cast::<PyBool>() {
         Ok(flag) => Ok(flag.is_true()),
         Err(_) => Err(PyTypeError::new_err(format!(
@@ -353,9 +347,7 @@ fn bool_item(dict: &Bound<'_, PyDict>, name: &str) -> PyResult<bool> {
 
 /// `dict["step"]`: an int in [1, 2**64), not a bool.
 fn step_item(dict: &Bound<'_, PyDict>) -> PyResult<u64> {
-    let value = dict
-        .get_item("step")?
-        .ok_or_else(|| PyTypeError::new_err("missing hyperparameter step"))?;
+    let value = required(dict, "step")?;
     let is_int = !value.is_instance_of::<PyBool>()
         && (value.is_instance_of::<PyInt>() || value.hasattr("__index__")?);
     if !is_int {
