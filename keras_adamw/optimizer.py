@@ -257,7 +257,8 @@ class AdamW(keras.optimizers.Optimizer):
         """The base class decays before update_step; ours decays inside it."""
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        grads = [backends.current().dense(grad) for grad in grads]
+        dense = backends.current().dense
+        grads = [dense(grad) for grad in grads]
         indices = [self._get_variable_index(v) for v in trainable_variables]
         path = self._host_path
         if self._on_host and not path.falls_back_to_ops():
