@@ -6,8 +6,9 @@
 Per backend, in one process and interleaved step by step: the memory-bandwidth
 ceiling (an in-place loop with the update's memory traffic), keras.optimizers.AdamW,
 keras_adamw.AdamW on the ops path, and on the host kernel (torch: in place;
-JAX: an XLA custom call on the donated buffers; TensorFlow: tf.numpy_function
-on copies), with and without offloaded state. The step runs as the trainer
+JAX: an XLA custom call on the donated buffers; TensorFlow: our op, writing
+new tensors the variables adopt; offloaded, tf.numpy_function), with and
+without offloaded state. The step runs as the trainer
 runs it: TensorFlow in a tf.function (without XLA, as jit_compile="auto" does
 on a CPU-only machine; Keras's AdamW also with XLA), JAX jitted with the state
 donated and returned in one structure, torch eagerly. Then one epoch of `fit`

@@ -7,6 +7,8 @@
 //! - `in_flight`: the memory of the updates running now; overlapping calls wait;
 //! - `bandwidth`: a plain in-place loop with the kernel's memory traffic, the
 //!   ceiling the benchmark measures against;
+//! - `xla_ffi`, `tensorflow_op`: the update as an XLA FFI handler and as a
+//!   TensorFlow op, both through stable C APIs;
 //! - `python` (feature `python`): the PyO3 bindings, `keras_adamw._core`.
 
 pub mod aliasing;
@@ -17,6 +19,8 @@ pub mod parallel;
 #[cfg(feature = "python")]
 mod python;
 pub mod simd;
+#[cfg(unix)]
+pub mod tensorflow_op;
 pub mod xla_ffi;
 
 pub use math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};

@@ -505,6 +505,24 @@ fn set_num_threads(n: i64) -> PyResult<()> {
     Ok(parallel::set_num_threads(n)?)
 }
 
+/// Registers the TensorFlow op (rust/tensorflow_op.rs) with the TensorFlow
+/// whose framework library is loaded from `framework_library`.
+#[pyfunction]
+fn register_tensorflow_op(framework_library: &str) -> PyResult<&'static str> {
+    #[cfg(unix)]
+    {
+        crate::tensorflow_op::register(framework_library).map_err(PyRuntimeError::new_err)?;
+        Ok(crate::tensorflow_op::OP_NAME)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = framework_library;
+        Err(PyRuntimeError::new_err(
+            "the TensorFlow op is built for Linux and macOS only",
+        ))
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adamw_update, m)?)?;
@@ -516,6 +534,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(register_tensorflow_op, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SIMD_ENV_VAR", simd::SIMD_ENV_VAR)?;
     m.add("THREADS_ENV_VAR", parallel::THREADS_ENV_VAR)?;

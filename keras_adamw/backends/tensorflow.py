@@ -1,17 +1,27 @@
-"""The host path on the TensorFlow backend: the kernel in a
-`tf.numpy_function`. TF hands the function views of buffers it may share
-between variables (one zeros buffer behind every fresh slot), so the kernel
-only reads them: it writes the step's results, out of place in the same pass,
-into host arrays that TF then takes as the variables' memory. XLA cannot
-compile `numpy_function`, so under `jit_compile=True` "auto" takes the ops
-path."""
+"""The host path on the TensorFlow backend.
+
+The kernel runs as a TensorFlow op, `KerasAdamwUpdate` (rust/tensorflow_op.rs),
+registered through TensorFlow's C API on first use: one op per variable reads
+the variable's value, its slots and its gradient, and writes the new values in
+one pass into tensors that TF allocates and the variables then adopt, without
+a copy. Offloaded state (host arrays of ours, updated in place), and a
+TensorFlow whose C API the op cannot find, take a `tf.numpy_function` instead.
+XLA compiles neither, so under `jit_compile=True` "auto" takes the ops path.
+"""
 
 from __future__ import annotations
 
+import functools
+import glob
 import math
+import os
 import sys
+import types
+import warnings
 
 import numpy as np
+
+from keras_adamw import _core
 
 
 def unsupported_reason(variable, offload_state) -> str | None:
@@ -61,16 +71,56 @@ class HostPath:
         return False  # XLA fuses the keras.ops update
 
     def update_step(self, grads, variables, learning_rate, indices):
-        import tensorflow as tf
-
-        optimizer = self.optimizer
         if compiles_with_xla():
             raise ValueError(
                 'implementation="host" and offload_state on TensorFlow run the kernel in '
-                "tf.numpy_function, which XLA cannot compile: compile the model with "
+                "a TensorFlow op (or tf.numpy_function), which XLA cannot compile: "
+                "compile the model with "
                 'jit_compile=False (jit_compile="auto" uses XLA when TF sees a GPU), '
                 'or use implementation="ops"'
             )
+        op = None if self.optimizer.offload_state else update_op()
+        if op is None:
+            self.numpy_function_step(grads, variables, learning_rate, indices)
+        else:
+            self.op_step(op, grads, variables, learning_rate, indices)
+
+    def op_step(self, op, grads, variables, learning_rate, indices):
+        """One op per variable: TF can run them side by side, and frees each
+        variable's old memory as soon as its new values are assigned."""
+        import tensorflow as tf
+
+        optimizer = self.optimizer
+        step = tf.cast(optimizer.iterations + 1, tf.int64)
+        learning_rate = tf.cast(learning_rate, tf.float64)
+        weight_decay = tf.cast(optimizer.weight_decay, tf.float64)
+        constants = [float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)]
+        options = optimizer._kernel_options()
+        for grad, variable, index in zip(grads, variables, indices, strict=True):
+            lr_factor, wd_factor = optimizer._variable_factors[index]
+            rates = optimizer._group_rates(learning_rate, weight_decay, lr_factor, wd_factor)
+            momentum, velocity, *velocity_hat = (slots[index] for slots in optimizer._slot_lists())
+            new_values = op(
+                params=variable.value,
+                exp_avg=momentum.value,
+                exp_avg_sq=velocity.value,
+                max_exp_avg_sq=[v.value for v in velocity_hat],
+                grads=tf.cast(grad, tf.float32),
+                step=step,
+                rates=tf.stack([tf.cast(r, tf.float64) for r in rates] + constants),
+                epsilon_mode=options["epsilon_mode"],
+                weight_decay_mode=options["weight_decay_mode"],
+                decay_form=options["decay_form"],
+                maximize=options["maximize"],
+            )
+            targets = [variable, momentum, velocity, *velocity_hat]
+            for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
+                optimizer.assign(target, value)
+
+    def numpy_function_step(self, grads, variables, learning_rate, indices):
+        import tensorflow as tf
+
+        optimizer = self.optimizer
         n = len(variables)
         offloaded = optimizer.offload_state
         state = [] if offloaded else [s[i] for s in optimizer._slot_lists() for i in indices]
@@ -146,3 +196,35 @@ def aligned_empty(shape, alignment=64) -> np.ndarray:
     raw = np.empty(size + alignment // 4, np.float32)
     start = (-raw.ctypes.data % alignment) // 4
     return raw[start : start + size].reshape(shape)
+
+
+@functools.cache
+def update_op():
+    """The kernel's TensorFlow op as a Python function (TF's generated wrapper),
+    registered on first use; None, with a warning, where it cannot be."""
+    try:
+        name = _core.register_tensorflow_op(framework_library())
+    except RuntimeError as error:
+        warnings.warn(
+            f"keras_adamw: the TensorFlow op is unavailable ({error}); the host path "
+            "runs the kernel in tf.numpy_function instead, with more memory per step",
+            stacklevel=2,
+        )
+        return None
+    # What tf.load_op_library does with the ops a library registers.
+    from tensorflow.core.framework import op_def_pb2
+    from tensorflow.python.framework import _pywrap_python_op_gen, op_def_registry
+
+    op_list = op_def_pb2.OpList(op=[op_def_registry.get(name)])
+    module = types.ModuleType("keras_adamw_tensorflow_ops")
+    exec(_pywrap_python_op_gen.GetPythonWrappers(op_list.SerializeToString()), module.__dict__)
+    return module.keras_adamw_update
+
+
+def framework_library() -> str:
+    """The path of TensorFlow's framework library, which exports its C API."""
+    import tensorflow as tf
+
+    directory = tf.sysconfig.get_lib()
+    found = sorted(glob.glob(os.path.join(directory, "libtensorflow_framework*")))
+    return found[0] if found else os.path.join(directory, "libtensorflow_framework.so.2")

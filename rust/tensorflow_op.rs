@@ -1,0 +1,586 @@
+//! The update as a TensorFlow op, `KerasAdamwUpdate`, registered at run time
+//! through TensorFlow's C API for ops and kernels (`tensorflow/c/ops.h`,
+//! `tensorflow/c/kernels.h`). The wheel links against no TensorFlow: the
+//! functions are looked up in the framework library that TensorFlow has loaded.
+//!
+//! The op writes out of place. In place would need the C API's variable
+//! functions (`TF_GetInputTensorFromVariable`, `TF_AssignUpdateVariable`,
+//! `TF_MaybeLockVariableInputMutexesInOrder` in
+//! `tensorflow/c/kernels_experimental.h`), which the TensorFlow wheels declare
+//! but do not export (2.21 exports only their C++ templates). So the op takes
+//! the variables' values and returns new tensors that TensorFlow allocates;
+//! `AssignVariableOp` then adopts each as its variable's memory, without a
+//! copy. The step stays one pass over memory.
+//!
+//! One op per variable. Inputs: `params`, `exp_avg`, `exp_avg_sq`,
+//! `max_exp_avg_sq` (a list of one with AMSGrad, else empty), `grads`, `step`
+//! (int64) and `rates` (float64: learning_rate, weight_decay, beta_1, beta_2,
+//! epsilon). Outputs: the new values of the first three or four inputs, each
+//! shaped as its input. Attributes: `epsilon_mode`, `weight_decay_mode`,
+//! `decay_form` and `maximize`. Everything is checked before the first write;
+//! a bad call fails the op with an InvalidArgument error naming the input.
+
+use crate::aliasing::{find_overlap, Region};
+use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
+use crate::xla_ffi::panic_message;
+use crate::{in_flight, parallel, simd, Sources, TensorSlices};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::mem::size_of;
+use std::sync::{Mutex, OnceLock};
+
+pub const OP_NAME: &str = "KerasAdamwUpdate";
+
+macro_rules! opaque {
+    ($($name:ident),*) => { $(#[repr(C)] pub struct $name { _opaque: [u8; 0] })* };
+}
+opaque!(
+    Status,
+    Tensor,
+    OpDefinitionBuilder,
+    KernelBuilder,
+    OpKernelConstruction,
+    OpKernelContext,
+    ShapeInferenceContext,
+    ShapeHandle
+);
+
+type ShapeFunction = unsafe extern "C" fn(*mut ShapeInferenceContext, *mut Status);
+type CreateKernel = unsafe extern "C" fn(*mut OpKernelConstruction) -> *mut c_void;
+type ComputeKernel = unsafe extern "C" fn(*mut c_void, *mut OpKernelContext);
+type DeleteKernel = unsafe extern "C" fn(*mut c_void);
+
+/// The C API functions the op uses, each resolved by name.
+macro_rules! c_api {
+    ($($field:ident = $symbol:literal: fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
+        struct Api { $($field: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)* }
+
+        impl Api {
+            /// # Safety
+            /// `library` must be a handle from `dlopen`, and each symbol found
+            /// there must have the signature declared here (TensorFlow's C API).
+            unsafe fn resolve(library: *mut c_void) -> Result<Self, String> {
+                Ok(Self { $($field: {
+                    // SAFETY: a valid handle and a NUL-terminated name.
+                    let address = unsafe { libc::dlsym(library, concat!($symbol, "\0").as_ptr().cast()) };
+                    if address.is_null() {
+                        return Err(format!("TensorFlow's C API has no {}", $symbol));
+                    }
+                    // SAFETY: the symbol is the C API function of this signature (the caller's contract).
+                    unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) $(-> $ret)?>(address) }
+                },)* })
+            }
+        }
+    };
+}
+
+c_api! {
+    new_status = "TF_NewStatus": fn() -> *mut Status;
+    delete_status = "TF_DeleteStatus": fn(*mut Status);
+    set_status = "TF_SetStatus": fn(*mut Status, c_int, *const c_char);
+    code = "TF_GetCode": fn(*const Status) -> c_int;
+    message = "TF_Message": fn(*const Status) -> *const c_char;
+    new_op = "TF_NewOpDefinitionBuilder": fn(*const c_char) -> *mut OpDefinitionBuilder;
+    add_input = "TF_OpDefinitionBuilderAddInput": fn(*mut OpDefinitionBuilder, *const c_char);
+    add_output = "TF_OpDefinitionBuilderAddOutput": fn(*mut OpDefinitionBuilder, *const c_char);
+    add_attr = "TF_OpDefinitionBuilderAddAttr": fn(*mut OpDefinitionBuilder, *const c_char);
+    set_shape_function = "TF_OpDefinitionBuilderSetShapeInferenceFunction":
+        fn(*mut OpDefinitionBuilder, ShapeFunction);
+    register_op = "TF_RegisterOpDefinition": fn(*mut OpDefinitionBuilder, *mut Status);
+    shape_inputs = "TF_ShapeInferenceContextNumInputs": fn(*mut ShapeInferenceContext) -> i64;
+    new_shape = "TF_NewShapeHandle": fn() -> *mut ShapeHandle;
+    delete_shape = "TF_DeleteShapeHandle": fn(*mut ShapeHandle);
+    input_shape = "TF_ShapeInferenceContextGetInput":
+        fn(*mut ShapeInferenceContext, c_int, *mut ShapeHandle, *mut Status);
+    set_output_shape = "TF_ShapeInferenceContextSetOutput":
+        fn(*mut ShapeInferenceContext, c_int, *mut ShapeHandle, *mut Status);
+    new_kernel = "TF_NewKernelBuilder":
+        fn(*const c_char, *const c_char, CreateKernel, ComputeKernel, DeleteKernel) -> *mut KernelBuilder;
+    register_kernel = "TF_RegisterKernelBuilder": fn(*const c_char, *mut KernelBuilder, *mut Status);
+    attr_size = "TF_OpKernelConstruction_GetAttrSize":
+        fn(*mut OpKernelConstruction, *const c_char, *mut i32, *mut i32, *mut Status);
+    attr_string = "TF_OpKernelConstruction_GetAttrString":
+        fn(*mut OpKernelConstruction, *const c_char, *mut c_char, usize, *mut Status);
+    attr_bool = "TF_OpKernelConstruction_GetAttrBool":
+        fn(*mut OpKernelConstruction, *const c_char, *mut u8, *mut Status);
+    construction_failure = "TF_OpKernelConstruction_Failure": fn(*mut OpKernelConstruction, *mut Status);
+    num_inputs = "TF_NumInputs": fn(*mut OpKernelContext) -> c_int;
+    input = "TF_GetInput": fn(*mut OpKernelContext, c_int, *mut *mut Tensor, *mut Status);
+    allocate_output = "TF_AllocateOutput":
+        fn(*mut OpKernelContext, c_int, c_int, *const i64, c_int, usize, *mut Status) -> *mut Tensor;
+    compute_failure = "TF_OpKernelContext_Failure": fn(*mut OpKernelContext, *mut Status);
+    delete_tensor = "TF_DeleteTensor": fn(*mut Tensor);
+    tensor_type = "TF_TensorType": fn(*const Tensor) -> c_int;
+    num_dims = "TF_NumDims": fn(*const Tensor) -> c_int;
+    dim = "TF_Dim": fn(*const Tensor, c_int) -> i64;
+    tensor_data = "TF_TensorData": fn(*const Tensor) -> *mut c_void;
+}
+
+const CODE_OK: c_int = 0;
+const CODE_INVALID_ARGUMENT: c_int = 3;
+const CODE_INTERNAL: c_int = 13;
+
+const DTYPE_FLOAT: c_int = 1;
+const DTYPE_DOUBLE: c_int = 2;
+const DTYPE_INT64: c_int = 9;
+
+/// Set once the op is registered; the kernel's callbacks read it.
+static API: OnceLock<Api> = OnceLock::new();
+
+/// Registers the op and its CPU kernel with the TensorFlow whose framework
+/// library is loaded from `framework_library`. Later calls return the first
+/// call's outcome.
+pub fn register(framework_library: &str) -> Result<(), String> {
+    static OUTCOME: Mutex<Option<Result<(), String>>> = Mutex::new(None);
+    let mut outcome = OUTCOME.lock().unwrap_or_else(|e| e.into_inner());
+    outcome
+        .get_or_insert_with(|| {
+            let api = load(framework_library)?;
+            let api = API.get_or_init(|| api);
+            // SAFETY: the functions of a loaded TensorFlow, called as its C API says.
+            unsafe { register_with(api) }
+        })
+        .clone()
+}
+
+fn load(framework_library: &str) -> Result<Api, String> {
+    let path = CString::new(framework_library).map_err(|_| "a path with a NUL byte")?;
+    // RTLD_NOLOAD: only the library TensorFlow itself loaded, never a second copy.
+    // SAFETY: a NUL-terminated path; the handle is kept for the process's life.
+    let library = unsafe {
+        libc::dlopen(
+            path.as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_LOCAL,
+        )
+    };
+    if library.is_null() {
+        return Err(format!(
+            "TensorFlow's framework library {framework_library} is not loaded in this process"
+        ));
+    }
+    // SAFETY: a dlopen handle of TensorFlow's framework library, which exports its C API.
+    unsafe { Api::resolve(library) }
+}
+
+/// An owned `TF_Status`.
+struct StatusBox<'a> {
+    api: &'a Api,
+    raw: *mut Status,
+}
+
+impl<'a> StatusBox<'a> {
+    fn new(api: &'a Api) -> Self {
+        // SAFETY: TF_NewStatus has no preconditions.
+        Self {
+            api,
+            raw: unsafe { (api.new_status)() },
+        }
+    }
+
+    fn check(&self, what: &str) -> Result<(), String> {
+        // SAFETY: a live status.
+        if unsafe { (self.api.code)(self.raw) } == CODE_OK {
+            return Ok(());
+        }
+        // SAFETY: a live status; TF_Message returns a NUL-terminated string it owns.
+        let message = unsafe { CStr::from_ptr((self.api.message)(self.raw)) };
+        Err(format!("{what}: {}", message.to_string_lossy()))
+    }
+
+    fn set(&self, code: c_int, message: &str) {
+        let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: a live status; TF copies the message.
+        unsafe { (self.api.set_status)(self.raw, code, message.as_ptr()) }
+    }
+}
+
+impl Drop for StatusBox<'_> {
+    fn drop(&mut self) {
+        // SAFETY: ours, freed once.
+        unsafe { (self.api.delete_status)(self.raw) }
+    }
+}
+
+/// # Safety
+/// `api` must be a loaded TensorFlow's C API.
+unsafe fn register_with(api: &'static Api) -> Result<(), String> {
+    let name = CString::new(OP_NAME).expect("no NUL");
+    let status = StatusBox::new(api);
+    // SAFETY: the C API as documented in ops.h; TF_RegisterOpDefinition frees the builder.
+    unsafe {
+        let op = (api.new_op)(name.as_ptr());
+        for input in [
+            c"params: float",
+            c"exp_avg: float",
+            c"exp_avg_sq: float",
+            c"max_exp_avg_sq: amsgrad * float",
+            c"grads: float",
+            c"step: int64",
+            c"rates: double",
+        ] {
+            (api.add_input)(op, input.as_ptr());
+        }
+        for output in [
+            c"new_params: float",
+            c"new_exp_avg: float",
+            c"new_exp_avg_sq: float",
+            c"new_max_exp_avg_sq: amsgrad * float",
+        ] {
+            (api.add_output)(op, output.as_ptr());
+        }
+        for attr in [
+            c"amsgrad: int >= 0",
+            c"epsilon_mode: string",
+            c"weight_decay_mode: string",
+            c"decay_form: string = ''",
+            c"maximize: bool = false",
+        ] {
+            (api.add_attr)(op, attr.as_ptr());
+        }
+        (api.set_shape_function)(op, infer_shapes);
+        (api.register_op)(op, status.raw);
+    }
+    status.check(&format!("registering the op {OP_NAME}"))?;
+    // SAFETY: the C API as documented in kernels.h; registering takes the builder.
+    unsafe {
+        let kernel = (api.new_kernel)(
+            name.as_ptr(),
+            c"CPU".as_ptr(),
+            create_kernel,
+            compute,
+            delete_kernel,
+        );
+        (api.register_kernel)(name.as_ptr(), kernel, status.raw);
+    }
+    status.check(&format!("registering the CPU kernel of {OP_NAME}"))
+}
+
+/// Inputs after the written ones: grads, step, rates.
+const TRAILING_INPUTS: usize = 3;
+
+/// Each output has the shape of the input it is the new value of.
+unsafe extern "C" fn infer_shapes(ctx: *mut ShapeInferenceContext, status: *mut Status) {
+    let Some(api) = API.get() else { return };
+    // SAFETY: TF's live context and status for the call; the handle is ours.
+    unsafe {
+        let written = (api.shape_inputs)(ctx) - TRAILING_INPUTS as i64;
+        let shape = (api.new_shape)();
+        for i in 0..written.max(0) as c_int {
+            (api.input_shape)(ctx, i, shape, status);
+            if (api.code)(status) != CODE_OK {
+                break;
+            }
+            (api.set_output_shape)(ctx, i, shape, status);
+        }
+        (api.delete_shape)(shape);
+    }
+}
+
+/// The kernel's fixed options, from the op's attributes.
+struct Options {
+    epsilon_mode: EpsilonMode,
+    weight_decay_mode: DecayMode,
+    decay_form: Option<DecayForm>,
+    maximize: bool,
+}
+
+unsafe extern "C" fn create_kernel(ctx: *mut OpKernelConstruction) -> *mut c_void {
+    let Some(api) = API.get() else {
+        return std::ptr::null_mut();
+    };
+    let status = StatusBox::new(api);
+    // SAFETY: TF's live construction context.
+    let options = std::panic::catch_unwind(|| unsafe { read_options(api, ctx, &status) });
+    match options {
+        Ok(Ok(options)) => Box::into_raw(Box::new(options)).cast(),
+        failed => {
+            let message = match failed {
+                Ok(Err(e)) => e,
+                Err(panic) => panic_message(&*panic),
+                Ok(Ok(_)) => unreachable!(),
+            };
+            status.set(CODE_INVALID_ARGUMENT, &format!("keras_adamw: {message}"));
+            // SAFETY: TF's live construction context and our status.
+            unsafe { (api.construction_failure)(ctx, status.raw) };
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// # Safety
+/// `ctx` must be TF's live construction context.
+unsafe fn read_options(
+    api: &Api,
+    ctx: *mut OpKernelConstruction,
+    status: &StatusBox<'_>,
+) -> Result<Options, String> {
+    let text = |name: &CStr| -> Result<String, String> {
+        let (mut list_size, mut total_size) = (0i32, 0i32);
+        // SAFETY: the caller's contract; TF writes the two sizes.
+        unsafe {
+            (api.attr_size)(
+                ctx,
+                name.as_ptr(),
+                &mut list_size,
+                &mut total_size,
+                status.raw,
+            )
+        };
+        status.check(&name.to_string_lossy())?;
+        let mut bytes = vec![0u8; total_size.max(0) as usize + 1];
+        // SAFETY: TF writes at most `bytes.len()` bytes.
+        unsafe {
+            (api.attr_string)(
+                ctx,
+                name.as_ptr(),
+                bytes.as_mut_ptr().cast(),
+                bytes.len(),
+                status.raw,
+            )
+        };
+        status.check(&name.to_string_lossy())?;
+        bytes.truncate(total_size.max(0) as usize);
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let mut maximize = 0u8;
+    // SAFETY: the caller's contract; TF writes one byte.
+    unsafe { (api.attr_bool)(ctx, c"maximize".as_ptr(), &mut maximize, status.raw) };
+    status.check("maximize")?;
+    let decay_form = text(c"decay_form")?;
+    let error = |e: InvalidArgument| e.to_string();
+    Ok(Options {
+        epsilon_mode: EpsilonMode::parse(&text(c"epsilon_mode")?).map_err(error)?,
+        weight_decay_mode: DecayMode::parse(&text(c"weight_decay_mode")?).map_err(error)?,
+        decay_form: match decay_form.as_str() {
+            "" => None,
+            form => Some(DecayForm::parse(form).map_err(error)?),
+        },
+        maximize: maximize != 0,
+    })
+}
+
+unsafe extern "C" fn delete_kernel(kernel: *mut c_void) {
+    if !kernel.is_null() {
+        // SAFETY: made by Box::into_raw in create_kernel, freed once.
+        drop(unsafe { Box::from_raw(kernel.cast::<Options>()) });
+    }
+}
+
+unsafe extern "C" fn compute(kernel: *mut c_void, ctx: *mut OpKernelContext) {
+    let Some(api) = API.get() else { return };
+    // SAFETY: TF passes the kernel create_kernel made (not null, or TF would not run it).
+    let options = unsafe { &*kernel.cast::<Options>() };
+    // A panic must not unwind into TensorFlow's C++ frames.
+    // SAFETY: TF's live kernel context for the call.
+    let outcome = std::panic::catch_unwind(|| unsafe { run(api, options, ctx) });
+    let (code, message) = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => (CODE_INVALID_ARGUMENT, format!("keras_adamw: {e}")),
+        Err(panic) => (
+            CODE_INTERNAL,
+            format!("keras_adamw: the update failed: {}", panic_message(&*panic)),
+        ),
+    };
+    let status = StatusBox::new(api);
+    status.set(code, &message);
+    // SAFETY: TF's live kernel context and our status.
+    unsafe { (api.compute_failure)(ctx, status.raw) };
+}
+
+/// A tensor of the call, deleted (its reference dropped) at the end.
+struct TensorRef<'a> {
+    api: &'a Api,
+    raw: *mut Tensor,
+}
+
+impl TensorRef<'_> {
+    fn dtype(&self) -> c_int {
+        // SAFETY: a live tensor.
+        unsafe { (self.api.tensor_type)(self.raw) }
+    }
+
+    fn dims(&self) -> Vec<i64> {
+        // SAFETY: a live tensor; indices below its rank.
+        unsafe {
+            (0..(self.api.num_dims)(self.raw))
+                .map(|i| (self.api.dim)(self.raw, i))
+                .collect()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.dims().iter().map(|&d| d.max(0) as usize).product()
+    }
+
+    fn data(&self) -> *mut c_void {
+        // SAFETY: a live tensor.
+        unsafe { (self.api.tensor_data)(self.raw) }
+    }
+}
+
+impl Drop for TensorRef<'_> {
+    fn drop(&mut self) {
+        // SAFETY: ours, deleted once; the buffer lives on in TF while TF refers to it.
+        unsafe { (self.api.delete_tensor)(self.raw) }
+    }
+}
+
+const WRITTEN: [&str; 4] = ["params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+
+/// # Safety
+/// `ctx` must be TF's live kernel context.
+unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result<(), String> {
+    let status = StatusBox::new(api);
+    // SAFETY: the caller's contract.
+    let inputs = unsafe { (api.num_inputs)(ctx) }.max(0) as usize;
+    let written = inputs.saturating_sub(TRAILING_INPUTS);
+    if !(3..=4).contains(&written) {
+        return Err(format!(
+            "amsgrad must be 0 or 1 (lists of max_exp_avg_sq), got {}",
+            written.saturating_sub(3)
+        ));
+    }
+    let input = |index: usize| -> Result<TensorRef<'_>, String> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: index < inputs; TF hands back a new reference, ours to delete.
+        unsafe { (api.input)(ctx, index as c_int, &mut raw, status.raw) };
+        status.check(&format!("input {index}"))?;
+        Ok(TensorRef { api, raw })
+    };
+    let sources = (0..written).map(input).collect::<Result<Vec<_>, _>>()?;
+    let grads = input(written)?;
+    let step = input(written + 1)?;
+    let rates = input(written + 2)?;
+
+    let dims = sources[0].dims();
+    for (name, tensor) in WRITTEN.iter().zip(&sources).chain([(&"grads", &grads)]) {
+        if tensor.dtype() != DTYPE_FLOAT {
+            return Err(format!("{name} must be float32"));
+        }
+        if tensor.dims() != dims {
+            return Err(format!(
+                "{name} has shape {:?} where params has {dims:?}",
+                tensor.dims()
+            ));
+        }
+        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
+            return Err(format!("{name} is not an aligned float32 buffer"));
+        }
+    }
+    let (step, rates) = (
+        scalars::<i64>(&step, DTYPE_INT64, 1, "step")?,
+        scalars::<f64>(&rates, DTYPE_DOUBLE, 5, "rates")?,
+    );
+    let step = u64::try_from(step[0])
+        .ok()
+        .filter(|&s| s >= 1)
+        .ok_or_else(|| format!("step must be an integer >= 1, got {}", step[0]))?;
+    let constants = Hyperparams {
+        step,
+        learning_rate: rates[0],
+        weight_decay: rates[1],
+        beta_1: rates[2],
+        beta_2: rates[3],
+        epsilon: rates[4],
+        epsilon_mode: options.epsilon_mode,
+        weight_decay_mode: options.weight_decay_mode,
+        decay_form: options.decay_form,
+        maximize: options.maximize,
+        grad_scale: None,
+    }
+    .constants()
+    .map_err(|e| e.to_string())?;
+    let level = simd::active_level().map_err(|e| e.to_string())?;
+
+    // Checked: allocate the results, which TF hands on as the op's outputs.
+    let len = sources[0].len();
+    let outputs = (0..written)
+        .map(|index| {
+            // SAFETY: index < the op's outputs; TF allocates, the reference is ours to delete.
+            let raw = unsafe {
+                (api.allocate_output)(
+                    ctx,
+                    index as c_int,
+                    DTYPE_FLOAT,
+                    dims.as_ptr(),
+                    dims.len() as c_int,
+                    len * size_of::<f32>(),
+                    status.raw,
+                )
+            };
+            status.check(&format!("allocating new_{}", WRITTEN[index]))?;
+            Ok(TensorRef { api, raw })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+
+    let region = |t: &TensorRef<'_>, written: bool, label: &'static str| Region {
+        start: t.data() as usize,
+        len_bytes: len * size_of::<f32>(),
+        written,
+        label,
+    };
+    let mut regions = vec![region(&grads, false, "grads")];
+    for (i, (source, output)) in sources.iter().zip(&outputs).enumerate() {
+        regions.push(region(source, false, WRITTEN[i]));
+        regions.push(region(output, true, WRITTEN[i]));
+    }
+    if len > 0 {
+        if let Some((a, b)) = find_overlap(&regions) {
+            return Err(format!("{b} shares memory with {a}"));
+        }
+    }
+    let _claim = in_flight::claim(&regions);
+    let read = |t: &TensorRef<'_>| -> &[f32] {
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: an aligned float32 buffer of `len` elements that nothing writes during the call (checked).
+        unsafe { std::slice::from_raw_parts(t.data().cast(), len) }
+    };
+    let write = |t: &TensorRef<'_>| -> &mut [f32] {
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: a fresh float32 output of `len` elements that no other slice overlaps (checked).
+        unsafe { std::slice::from_raw_parts_mut(t.data().cast(), len) }
+    };
+    let from = Sources {
+        params: read(&sources[0]),
+        exp_avg: read(&sources[1]),
+        exp_avg_sq: read(&sources[2]),
+        max_exp_avg_sq: sources.get(3).map(read),
+    };
+    let to = TensorSlices::new(
+        write(&outputs[0]),
+        read(&grads),
+        write(&outputs[1]),
+        write(&outputs[2]),
+        outputs.get(3).map(write),
+    )
+    .map_err(|e| e.to_string())?;
+    parallel::adamw_step_from(vec![(from, to)], &constants, level);
+    Ok(())
+}
+
+/// A small host tensor's values, checked for dtype and count.
+fn scalars<T: Copy>(
+    tensor: &TensorRef<'_>,
+    dtype: c_int,
+    count: usize,
+    name: &str,
+) -> Result<Vec<T>, String> {
+    let data = tensor.data().cast::<T>();
+    if tensor.dtype() != dtype || tensor.len() != count || data.is_null() {
+        return Err(format!(
+            "{name} must be {count} {}",
+            if dtype == DTYPE_INT64 {
+                "int64"
+            } else {
+                "float64"
+            }
+        ));
+    }
+    // SAFETY: `count` elements of T, checked above (read unaligned to be safe).
+    Ok((0..count)
+        .map(|i| unsafe { data.add(i).read_unaligned() })
+        .collect())
+}

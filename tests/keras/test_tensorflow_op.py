@@ -1,0 +1,144 @@
+"""The host path on TensorFlow as a TensorFlow op (rust/tensorflow_op.rs)."""
+
+import numpy as np
+import pytest
+from keras_helpers import BACKEND, fit, max_difference
+from reference import ReferenceAdamW
+
+from keras_adamw import AdamW
+from keras_adamw.schedules import WarmupCosineDecay
+
+pytestmark = pytest.mark.skipif(BACKEND != "tensorflow", reason="a TensorFlow op")
+
+FEATURES = {
+    "plain": {},
+    "amsgrad, torch epsilon": dict(amsgrad=True, epsilon_mode="torch", epsilon=1e-8),
+    "schedule, decoupled": dict(
+        learning_rate=WarmupCosineDecay(3e-3, warmup_steps=10, decay_steps=90),
+        weight_decay=0.05,
+        weight_decay_mode="decoupled",
+    ),
+    "groups": dict(
+        lr_multipliers={"out": 2.0, "norm": 0.5},
+        weight_decay_multipliers={"hidden": 3.0},
+        exclude_from_weight_decay=["bias"],
+        weight_decay=0.05,
+    ),
+    "maximize": dict(maximize=True, learning_rate=1e-4),
+}
+
+
+@pytest.mark.parametrize("kwargs", FEATURES.values(), ids=FEATURES.keys())
+def test_fit_runs_the_op_and_matches_the_numpy_function_path_bitwise(kwargs, monkeypatch):
+    """The same kernel with the same rates: the op and the tf.numpy_function
+    fallback (taken where the op cannot be registered) agree to the bit."""
+    from keras_adamw.backends import tensorflow as backend
+
+    op = backend.update_op()
+    assert op is not None, "the op registers with the TensorFlow the tests run"
+    calls = []
+
+    def counted(**kwargs):
+        calls.append(kwargs["params"].shape)
+        return op(**kwargs)
+
+    monkeypatch.setattr(backend, "update_op", lambda: counted)
+    with_op = fit(AdamW(implementation="host", **kwargs), steps=60)
+    shapes = [tuple(v.shape) for v in with_op.trainable_variables]
+    assert calls and len(calls) % len(shapes) == 0, "one op per variable, per trace"
+    assert sorted(map(tuple, calls[: len(shapes)])) == sorted(shapes)
+    monkeypatch.setattr(backend, "update_op", lambda: None)
+    with_numpy_function = fit(AdamW(implementation="host", **kwargs), steps=60)
+    assert max_difference(with_op, with_numpy_function) == 0
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("epsilon_mode", ["keras", "torch"])
+def test_the_op_matches_the_float64_reference(amsgrad, epsilon_mode):
+    import tensorflow as tf
+
+    from keras_adamw.backends.tensorflow import update_op
+
+    rng = np.random.default_rng(1)
+    params = rng.standard_normal((33, 65)).astype(np.float32)
+    reference = ReferenceAdamW(
+        [params], learning_rate=1e-2, epsilon_mode=epsilon_mode, amsgrad=amsgrad
+    )
+    p, m, v = params, np.zeros_like(params), np.zeros_like(params)
+    hats = [np.zeros_like(params)] if amsgrad else []
+    for step in range(1, 21):
+        g = rng.standard_normal(params.shape).astype(np.float32)
+        reference.step([g])
+        rate = reference.weight_decay * reference.learning_rate  # coupled, as Keras
+        new = update_op()(
+            params=p,
+            exp_avg=m,
+            exp_avg_sq=v,
+            max_exp_avg_sq=hats,
+            grads=g,
+            step=tf.constant(step, tf.int64),
+            rates=tf.constant([1e-2, rate, 0.9, 0.999, 1e-7], tf.float64),
+            epsilon_mode=epsilon_mode,
+            weight_decay_mode="decoupled",
+            decay_form="subtract",
+        )
+        p, m, v, *hats = (x.numpy() for x in tf.nest.flatten(new))
+    np.testing.assert_allclose(p, reference.params[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, reference.m[0], rtol=1e-5, atol=1e-7)
+
+
+def call_op(**changes):
+    import tensorflow as tf
+
+    from keras_adamw.backends.tensorflow import update_op
+
+    zeros = np.zeros((4, 3), np.float32)
+    arguments = dict(
+        params=zeros + 1,
+        exp_avg=zeros,
+        exp_avg_sq=zeros,
+        max_exp_avg_sq=[],
+        grads=zeros + 0.5,
+        step=tf.constant(1, tf.int64),
+        rates=tf.constant([1e-3, 0.0, 0.9, 0.999, 1e-7], tf.float64),
+        epsilon_mode="keras",
+        weight_decay_mode="decoupled",
+    )
+    return update_op()(**{**arguments, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(grads=np.zeros((3, 4), np.float32)), r"grads has shape \[3, 4\] where params"),
+        (dict(exp_avg_sq=np.zeros(12, np.float32)), "exp_avg_sq has shape"),
+        (dict(step=np.int64(0)), "step must be an integer >= 1, got 0"),
+        (dict(rates=np.array([1e-3, 0.0], np.float64)), "rates must be 5 float64"),
+        (dict(rates=np.array([np.nan, 0, 0.9, 0.999, 1e-7])), "learning_rate"),
+        (dict(rates=np.array([1e-3, 0, 1.5, 0.999, 1e-7])), "beta_1"),
+        (dict(epsilon_mode="bogus"), "epsilon_mode"),
+        (dict(decay_form="bogus"), "decay_form"),
+        (dict(max_exp_avg_sq=[np.zeros((4, 3), np.float32)] * 2), "amsgrad must be 0 or 1"),
+    ],
+)
+def test_the_op_rejects_bad_input_with_an_error_naming_it(changes, message):
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        call_op(**changes)
+    new_params = call_op()[0].numpy()  # and the op still works afterwards
+    assert np.all(new_params < 1)
+
+
+def test_graph_of_a_host_step_holds_the_op_and_no_python_function():
+    import keras
+    import tensorflow as tf
+
+    variable = keras.Variable(np.ones((5, 2), np.float32))
+    optimizer = AdamW(implementation="host")
+    optimizer.build([variable])
+    step = tf.function(lambda g: optimizer.apply([g], [variable]))
+    graph = step.get_concrete_function(tf.TensorSpec((5, 2), tf.float32)).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "KerasAdamwUpdate" in types
+    assert not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
