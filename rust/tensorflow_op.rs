@@ -127,19 +127,19 @@ const DTYPE_INT64: c_int = 9;
 static API: OnceLock<Api> = OnceLock::new();
 
 /// Registers the op and its CPU kernel with the TensorFlow whose framework
-/// library is loaded from `framework_library`. Later calls return the first
-/// call's outcome.
+/// library is loaded from `framework_library`. Once that succeeds, later calls
+/// return at once; a failed call may be retried.
 pub fn register(framework_library: &str) -> Result<(), String> {
-    static OUTCOME: Mutex<Option<Result<(), String>>> = Mutex::new(None);
-    let mut outcome = OUTCOME.lock().unwrap_or_else(|e| e.into_inner());
-    outcome
-        .get_or_insert_with(|| {
-            let api = load(framework_library)?;
-            let api = API.get_or_init(|| api);
-            // SAFETY: the functions of a loaded TensorFlow, called as its C API says.
-            unsafe { register_with(api) }
-        })
-        .clone()
+    static REGISTERED: Mutex<bool> = Mutex::new(false);
+    let mut registered = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*registered {
+        let api = load(framework_library)?;
+        let api = API.get_or_init(|| api);
+        // SAFETY: the functions of a loaded TensorFlow, called as its C API says.
+        unsafe { register_with(api) }?;
+        *registered = true;
+    }
+    Ok(())
 }
 
 fn load(framework_library: &str) -> Result<Api, String> {

@@ -130,6 +130,30 @@ def test_the_op_rejects_bad_input_with_an_error_naming_it(changes, message):
     assert np.all(new_params < 1)
 
 
+def test_registration_names_a_missing_library_and_can_be_retried(tmp_path):
+    """In a fresh process, since a process registers the op once."""
+    import subprocess
+    import sys
+
+    script = """
+import tensorflow
+from keras_adamw import _core
+from keras_adamw.backends.tensorflow import framework_library
+try:
+    _core.register_tensorflow_op("/nonexistent/libtensorflow_framework.so.2")
+except RuntimeError as error:
+    print("refused:", error)
+print("registered:", _core.register_tensorflow_op(framework_library()))
+"""
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: TensorFlow's framework library /nonexistent/" in run.stdout
+    assert "is not loaded in this process" in run.stdout
+    assert "registered: KerasAdamwUpdate" in run.stdout
+
+
 def test_graph_of_a_host_step_holds_the_op_and_no_python_function():
     import keras
     import tensorflow as tf
