@@ -87,7 +87,8 @@ class HostPath:
 
     def op_step(self, op, grads, variables, learning_rate, indices):
         """One op per variable: TF can run them side by side, and frees each
-        variable's old memory as soon as its new values are assigned."""
+        variable's old memory as soon as its new values are assigned. The
+        rates are formed once per parameter group."""
         import tensorflow as tf
 
         optimizer = self.optimizer
@@ -95,27 +96,25 @@ class HostPath:
         learning_rate = tf.cast(learning_rate, tf.float64)
         weight_decay = tf.cast(optimizer.weight_decay, tf.float64)
         constants = [float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)]
-        options = optimizer._kernel_options()
-        for grad, variable, index in zip(grads, variables, indices, strict=True):
-            lr_factor, wd_factor = optimizer._variable_factors[index]
+        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
             rates = optimizer._group_rates(learning_rate, weight_decay, lr_factor, wd_factor)
-            momentum, velocity, *velocity_hat = (slots[index] for slots in optimizer._slot_lists())
-            new_values = op(
-                params=variable.value,
-                exp_avg=momentum.value,
-                exp_avg_sq=velocity.value,
-                max_exp_avg_sq=[v.value for v in velocity_hat],
-                grads=tf.cast(grad, tf.float32),
-                step=step,
-                rates=tf.stack([tf.cast(r, tf.float64) for r in rates] + constants),
-                epsilon_mode=options["epsilon_mode"],
-                weight_decay_mode=options["weight_decay_mode"],
-                decay_form=options["decay_form"],
-                maximize=options["maximize"],
-            )
-            targets = [variable, momentum, velocity, *velocity_hat]
-            for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
-                optimizer.assign(target, value)
+            rates = tf.stack([tf.cast(r, tf.float64) for r in rates] + constants)
+            for k in positions:
+                variable = variables[k]
+                momentum, velocity, *velocity_hat = (s[indices[k]] for s in optimizer._slot_lists())
+                new_values = op(
+                    params=variable.value,
+                    exp_avg=momentum.value,
+                    exp_avg_sq=velocity.value,
+                    max_exp_avg_sq=[v.value for v in velocity_hat],
+                    grads=tf.cast(grads[k], tf.float32),
+                    step=step,
+                    rates=rates,
+                    **optimizer._kernel_options(),
+                )
+                targets = [variable, momentum, velocity, *velocity_hat]
+                for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
+                    optimizer.assign(target, value)
 
     def numpy_function_step(self, grads, variables, learning_rate, indices):
         import tensorflow as tf
