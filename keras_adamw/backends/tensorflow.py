@@ -6,7 +6,9 @@ the variable's value, its slots and its gradient, and writes the new values in
 one pass into tensors that TF allocates and the variables then adopt, without
 a copy. Offloaded state (host arrays of ours, updated in place), and a
 TensorFlow whose C API the op cannot find, take a `tf.numpy_function` instead.
-XLA compiles neither, so under `jit_compile=True` "auto" takes the ops path.
+Under a MirroredStrategy over CPU devices, each replica's copy is updated by
+the op on its device. XLA compiles neither, so under `jit_compile=True`
+"auto" takes the ops path.
 """
 
 from __future__ import annotations
@@ -29,10 +31,21 @@ def unsupported_reason(variable, offload_state) -> str | None:
     import tensorflow as tf
 
     if isinstance(value, tf.distribute.DistributedValues):
-        return f"variables outside tf.distribute ({variable.path} is distributed)"
-    device = (tf.DeviceSpec.from_string(value.device).device_type or "cpu").lower()
-    if device != "cpu" and not offload_state:
-        return f"variables in CPU memory ({variable.path} is on {device})"
+        strategy = tf.distribute.get_strategy()
+        if offload_state or not isinstance(strategy, tf.distribute.MirroredStrategy):
+            return (
+                "variables outside tf.distribute, or a MirroredStrategy without "
+                f"offload_state ({variable.path} is distributed by {type(strategy).__name__})"
+            )
+        if update_op() is None:
+            return "the TensorFlow op under tf.distribute"
+        devices = [component.device for component in value.values]
+    else:
+        devices = [value.device]
+    for device in devices:
+        device_type = (tf.DeviceSpec.from_string(device).device_type or "cpu").lower()
+        if device_type != "cpu" and not offload_state:
+            return f"variables in CPU memory ({variable.path} is on {device_type})"
     return None
 
 
@@ -79,11 +92,38 @@ class HostPath:
                 'jit_compile=False (jit_compile="auto" uses XLA when TF sees a GPU), '
                 'or use implementation="ops"'
             )
+        import tensorflow as tf
+
         op = None if self.optimizer.offload_state else update_op()
         if op is None:
             self.numpy_function_step(grads, variables, learning_rate, indices)
+        elif tf.distribute.has_strategy():
+            self.distributed_op_step(op, grads, variables, learning_rate, indices)
         else:
             self.op_step(op, grads, variables, learning_rate, indices)
+
+    def distributed_op_step(self, op, grads, variables, learning_rate, indices):
+        """Under a MirroredStrategy, as Keras's TF optimizer does it: the
+        gradients summed across replicas, then each replica's copy of each
+        variable updated by the op on that replica's device."""
+        import tensorflow as tf
+
+        optimizer = self.optimizer
+        grads_and_vars = optimizer._all_reduce_sum_gradients(
+            list(zip(grads, [v.value for v in variables], strict=True))
+        )
+
+        def update_each_replica(distribution, grads_and_vars):
+            for k, (grad, mirrored) in enumerate(grads_and_vars):
+
+                def update(_, grad, k=k):  # the Keras variable reads the replica's copy here
+                    self.op_step(op, [grad], [variables[k]], learning_rate, [indices[k]])
+
+                distribution.extended.update(mirrored, update, args=(grad,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update_each_replica, optimizer._distribution_strategy, grads_and_vars
+        )
 
     def op_step(self, op, grads, variables, learning_rate, indices):
         """One op per variable: TF can run them side by side, and frees each

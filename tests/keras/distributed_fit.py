@@ -75,5 +75,9 @@ elif mode == "tf-mirrored":
         ours, report["difference"] = compare(
             lambda: AdamW(**kwargs), lambda: keras.optimizers.AdamW(**kwargs)
         )
+        _, report["difference_from_ops"] = compare(
+            lambda: AdamW(**kwargs), lambda: AdamW(implementation="ops", **kwargs)
+        )
+    report["on_host"] = ours.optimizer._on_host
     report["replicas"] = strategy.num_replicas_in_sync
 print(json.dumps(report))

@@ -171,13 +171,13 @@ def test_tensorflow_under_xla_refuses_the_host_path_clearly_and_auto_takes_ops()
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
-def test_host_path_refuses_tf_distribute_clearly_and_auto_takes_ops():
+def test_offloading_refuses_tf_distribute_clearly_and_auto_takes_the_op():
     import tensorflow as tf
 
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        with pytest.raises(ValueError, match=r"need variables outside tf.distribute"):
-            fit(AdamW(implementation="host"), steps=1)
-        assert not fit(AdamW(), steps=1).optimizer._on_host
+        with pytest.raises(ValueError, match=r"need variables outside tf.distribute, or a Mirr"):
+            fit(AdamW(offload_state=True), steps=1)
+        assert fit(AdamW(), steps=1).optimizer._on_host
 
 
 def test_bad_implementation_arguments():
