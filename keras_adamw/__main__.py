@@ -19,14 +19,24 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from keras_adamw import __version__, _core, host
 
 BACKENDS = ("tensorflow", "jax", "torch")
-DISTRIBUTIONS = ("keras", "numpy", "ml_dtypes", "tensorflow", "tensorflow-cpu", "jax", "jaxlib")
-DISTRIBUTIONS += ("torch",)
+DISTRIBUTIONS = (
+    "keras",
+    "numpy",
+    "ml_dtypes",
+    "tensorflow",
+    "tensorflow-cpu",
+    "jax",
+    "jaxlib",
+    "torch",
+)
 
 # Run with KERAS_BACKEND set: builds the optimizer on one float32 variable on
 # the backend's default device and says which path "auto" took, and why.
@@ -64,7 +74,7 @@ def self_check(seconds: float = 2.0, elements: int = 1 << 24) -> dict[str, float
     p, g = (rng.standard_normal(elements, dtype=np.float32) for _ in range(2))
     m, v = np.zeros_like(p), np.zeros_like(p)
     steps = itertools.count(1)
-    runs = {
+    runs: dict[str, Callable[[], object]] = {
         "kernel": lambda: host.adamw_update(p, g, m, v, step=next(steps), learning_rate=1e-9),
         "ceiling": lambda: _core.read_modify_write([p], [g], [m], [v]),
     }
@@ -107,7 +117,7 @@ def auto_paths() -> dict[str, dict[str, str]]:
     return paths
 
 
-def report() -> dict:
+def report() -> dict[str, Any]:
     return {
         "versions": versions(),
         "simd_level": host.simd_level(),
@@ -118,7 +128,7 @@ def report() -> dict:
     }
 
 
-def show(found: dict) -> None:
+def show(found: dict[str, Any]) -> None:
     versions = found["versions"]
     print(f"keras_adamw {versions['keras_adamw']}")
     print("  " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "keras_adamw"))

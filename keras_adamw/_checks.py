@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 
 
-def real(value) -> float | None:
+def real(value: Any) -> float | None:
     """A real scalar as a float: Python and NumPy numbers, 0-d arrays and
     tensors of any backend (as Keras accepts them); None for anything else."""
     if isinstance(value, (bool, np.bool_, str, bytes)):
@@ -23,7 +24,7 @@ def real(value) -> float | None:
     return float(array) if array.dtype.kind in "fiu" else None
 
 
-def flag(name, value) -> bool:
+def flag(name: str, value: Any) -> bool:
     """True or False (NumPy's too), never a truthy stand-in such as the string "False"."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -2,6 +2,22 @@
 
 from typing import Any, TypedDict
 
+__all__ = [
+    "SIMD_ENV_VAR",
+    "THREADS_ENV_VAR",
+    "__version__",
+    "adamw_update",
+    "check_hyperparameters",
+    "num_threads",
+    "read_modify_write",
+    "register_tensorflow_op",
+    "set_num_threads",
+    "set_simd_level",
+    "simd_level",
+    "supported_simd_levels",
+    "xla_ffi_handler",
+]
+
 __version__: str
 SIMD_ENV_VAR: str
 THREADS_ENV_VAR: str

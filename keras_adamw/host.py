@@ -22,7 +22,7 @@ and any split of the data into tensors.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -296,4 +296,5 @@ _SCALAR_HYPERPARAMETERS = (
 
 def _check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
     """The kernel's own checks, for a clear error before a step is attempted."""
-    _core.check_hyperparameters({"step": 1, "grad_scale": None, **hyperparameters})
+    complete = {"step": 1, "grad_scale": None, **hyperparameters}
+    _core.check_hyperparameters(cast("_core.Hyperparameters", complete))

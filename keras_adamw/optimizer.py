@@ -17,6 +17,8 @@ from keras_adamw._checks import flag as _flag
 from keras_adamw._checks import real as _real
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+# Keras ships no types: what a schedule is, for annotations.
+Schedule = Any
 
 EPSILON_MODES = ("keras", "torch")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
@@ -24,7 +26,7 @@ IMPLEMENTATIONS = ("auto", "ops", "host")
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
-class AdamW(keras.optimizers.Optimizer):
+class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyped
     """AdamW with parameter groups, serializable decay exclusions and a
     schedulable, decoupled weight decay; a drop-in for `keras.optimizers.AdamW`.
 
@@ -87,8 +89,8 @@ class AdamW(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate: float | LearningRateSchedule | Callable[[], Any] = 0.001,
-        weight_decay: float | LearningRateSchedule = 0.004,
+        learning_rate: float | Schedule | Callable[[], Any] = 0.001,
+        weight_decay: float | Schedule = 0.004,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
@@ -147,7 +149,7 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- weight decay: a variable (float) or a schedule ------------------------
 
-    def _build_weight_decay(self, weight_decay):
+    def _build_weight_decay(self, weight_decay: Any) -> Any:
         if isinstance(weight_decay, LearningRateSchedule):
             return weight_decay
         with keras.name_scope(self.name, caller=self):
@@ -162,7 +164,7 @@ class AdamW(keras.optimizers.Optimizer):
         return variable
 
     @property
-    def weight_decay(self):
+    def weight_decay(self) -> Any:
         """The weight decay now: the variable's value, or the schedule at this step."""
         if not hasattr(self, "_weight_decay"):
             return None  # the base class reads it during its own __init__
@@ -172,7 +174,7 @@ class AdamW(keras.optimizers.Optimizer):
         return self._weight_decay
 
     @weight_decay.setter
-    def weight_decay(self, value):
+    def weight_decay(self, value: Any) -> None:
         if not hasattr(self, "_weight_decay"):
             return  # the base class's __init__ sets None; ours builds the real one
         if isinstance(self._weight_decay, LearningRateSchedule) or isinstance(
@@ -187,7 +189,9 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- parameter groups -----------------------------------------------------
 
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+    def exclude_from_weight_decay(
+        self, var_list: Sequence[Any] | None = None, var_names: Sequence[str] | None = None
+    ) -> None:
         """Keras's method, kept for drop-in use: excludes ``var_list`` (by path)
         and any variable whose path contains one of ``var_names`` (a regular
         expression). Unlike Keras's, the exclusions are saved in the config."""
@@ -198,7 +202,7 @@ class AdamW(keras.optimizers.Optimizer):
         patterns = [f"^{re.escape(v.path)}$" for v in var_list or []] + list(var_names or [])
         self._exclude_patterns += _compile_patterns("var_names", patterns)
 
-    def _factors_for(self, variable) -> tuple[float, float]:
+    def _factors_for(self, variable: Any) -> tuple[float, float]:
         """(lr factor, weight decay factor) for a variable, from its path."""
         path = _path(variable)
         lr_factor = _first_match(self._lr_multipliers, path)
@@ -206,7 +210,7 @@ class AdamW(keras.optimizers.Optimizer):
         wd_factor = 0.0 if excluded else _first_match(self._weight_decay_multipliers, path)
         return lr_factor, wd_factor
 
-    def build(self, var_list):
+    def build(self, var_list: list[Any]) -> None:
         if self.built:
             return
         super().build(var_list)
@@ -238,7 +242,7 @@ class AdamW(keras.optimizers.Optimizer):
         if self.amsgrad:
             self._velocity_hats = state[2]
 
-    def _resolve_implementation(self, var_list) -> bool:
+    def _resolve_implementation(self, var_list: list[Any]) -> bool:
         """Whether the update runs in the host kernel."""
         reason = _host_unsupported_reason(var_list, self.offload_state)
         if self.implementation == "ops":
@@ -253,10 +257,12 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- the update -------------------------------------------------------------
 
-    def _apply_weight_decay(self, variables):
+    def _apply_weight_decay(self, variables: list[Any]) -> None:
         """The base class decays before update_step; ours decays inside it."""
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
         dense = backends.current().dense
         grads = [dense(grad) for grad in grads]
         indices = [self._get_variable_index(v) for v in trainable_variables]
@@ -266,7 +272,7 @@ class AdamW(keras.optimizers.Optimizer):
         elif not path.ops_update_step(grads, trainable_variables, learning_rate, indices):
             super()._backend_update_step(grads, trainable_variables, learning_rate)
 
-    def update_step(self, gradient, variable, learning_rate):
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         index = self._get_variable_index(variable)
         lr_factor, wd_factor = self._variable_factors[index]
         dtype = variable.dtype
@@ -298,7 +304,7 @@ class AdamW(keras.optimizers.Optimizer):
             step = ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator)
         self.assign_sub(variable, step)
 
-    def _decay(self, variable, lr, schedule_lr, wd_factor):
+    def _decay(self, variable: Any, lr: Any, schedule_lr: Any, wd_factor: float) -> None:
         """Weight decay before the Adam step, rounded as the reference rounds it.
 
         ``lr`` is this variable's learning rate (its multiplier applied),
@@ -313,7 +319,7 @@ class AdamW(keras.optimizers.Optimizer):
         else:
             self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
 
-    def _decay_scale(self, lr, schedule_lr):
+    def _decay_scale(self, lr: Any, schedule_lr: Any) -> Any:
         """What multiplies the weight decay in its rate, on either path: the
         variable's learning rate (coupled), or the schedule's multiplier
         lr_t/lr_peak (decoupled; 1 for a constant learning rate)."""
@@ -325,29 +331,29 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- the host path: what every backend's module (keras_adamw/backends/) shares --
 
-    def _slot_lists(self) -> list:
+    def _slot_lists(self) -> list[list[Any]]:
         """[momenta, velocities] and, with AMSGrad, velocity_hats: one entry per variable."""
         return [self._momentums, self._velocities] + ([self._velocity_hats] if self.amsgrad else [])
 
-    def _slots(self, indices):
+    def _slots(self, indices: list[int]) -> tuple[list[Any], list[Any], list[Any] | None]:
         """(momenta, velocities, velocity_hats or None) of these variables: Keras
         variables, or host arrays when offloaded."""
         picked = [[slot[i] for i in indices] for slot in self._slot_lists()]
         return picked[0], picked[1], picked[2] if self.amsgrad else None
 
-    def _groups(self, indices) -> dict:
+    def _groups(self, indices: list[int]) -> dict[tuple[float, float], list[int]]:
         """Positions in `indices` by (lr factor, weight-decay factor): one kernel call each."""
-        groups = {}
+        groups: dict[tuple[float, float], list[int]] = {}
         for position, index in enumerate(indices):
             groups.setdefault(self._variable_factors[index], []).append(position)
         return groups
 
-    def _group_rates(self, lr, wd, lr_factor, wd_factor):
+    def _group_rates(self, lr: Any, wd: Any, lr_factor: float, wd_factor: float) -> tuple[Any, Any]:
         """A group's learning rate, and its decay's whole per-step rate as the ops path forms it."""
         group_lr = lr * lr_factor
         return group_lr, wd * wd_factor * self._decay_scale(group_lr, lr)
 
-    def _kernel_options(self) -> dict:
+    def _kernel_options(self) -> dict[str, Any]:
         """The kernel's fixed options (the rates are per group and step)."""
         return {
             "epsilon_mode": self.epsilon_mode,
@@ -356,7 +362,17 @@ class AdamW(keras.optimizers.Optimizer):
             "maximize": self.maximize,
         }
 
-    def _run_kernel(self, step, lr, wd, indices, params, grads, slots, read_from=None):
+    def _run_kernel(
+        self,
+        step: int,
+        lr: float,
+        wd: float,
+        indices: list[int],
+        params: list[Any],
+        grads: list[Any],
+        slots: Sequence[Any],
+        read_from: Sequence[Sequence[Any]] | None = None,
+    ) -> None:
         """The host kernel over aligned lists, one call per parameter group
         (out of place from `read_from`'s lists when given)."""
         momenta, velocities, velocity_hats = slots
@@ -384,7 +400,7 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- the whole state: .keras files, get_weights and set_weights ------------------
 
-    def _state(self) -> list:
+    def _state(self) -> list[Any]:
         """The whole state in Keras's order, the order of a `.keras` file and of
         `get_weights`/`set_weights`: the Keras variables, then any offloaded
         slots where Keras's Adam has its slot variables (each variable's
@@ -398,7 +414,7 @@ class AdamW(keras.optimizers.Optimizer):
                 state += [slot for slot in self._velocity_hats if slot is not None]
         return state
 
-    def _assign_state(self, values, source) -> bool:
+    def _assign_state(self, values: list[Any], source: str) -> bool:
         """Assigns `values`, in `_state()`'s order, after checking every shape;
         values without our weight_decay variable (from `keras.optimizers.AdamW`)
         keep ours. False, assigning nothing, when the count fits neither."""
@@ -428,7 +444,7 @@ class AdamW(keras.optimizers.Optimizer):
             x.copy() if isinstance(x, np.ndarray) else np.array(x.numpy()) for x in self._state()
         ]
 
-    def set_weights(self, weights):
+    def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets the whole state from `get_weights()` (of this class, with or without
         offloading, or of `keras.optimizers.AdamW`) or from another optimizer's
         `variables` list; checks every shape before assigning any."""
@@ -442,11 +458,11 @@ class AdamW(keras.optimizers.Optimizer):
                 f"{len(self._state())} (as get_weights() returns it)"
             )
 
-    def save_own_variables(self, store):
+    def save_own_variables(self, store: Any) -> None:
         for i, x in enumerate(self._state()):
             store[str(i)] = x if isinstance(x, np.ndarray) else x.numpy()
 
-    def load_own_variables(self, store):
+    def load_own_variables(self, store: Any) -> None:
         values = [store[str(i)] for i in range(len(store.keys()))]
         if not self._assign_state(values, "the saved optimizer state"):
             warnings.warn(  # as Keras does: the optimizer starts afresh
@@ -458,8 +474,8 @@ class AdamW(keras.optimizers.Optimizer):
 
     # -- config -------------------------------------------------------------------
 
-    def get_config(self) -> dict:
-        config = super().get_config()
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
         if isinstance(self._weight_decay, LearningRateSchedule):
             weight_decay = keras.optimizers.schedules.serialize(self._weight_decay)
         else:
@@ -486,31 +502,32 @@ class AdamW(keras.optimizers.Optimizer):
         return config
 
     @classmethod
-    def from_config(cls, config, custom_objects=None):
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> AdamW:
         config = dict(config)
         if isinstance(config.get("weight_decay"), dict):
             config["weight_decay"] = keras.saving.deserialize_keras_object(
                 config["weight_decay"], custom_objects=custom_objects
             )
-        return super().from_config(config, custom_objects=custom_objects)
+        optimizer: AdamW = super().from_config(config, custom_objects=custom_objects)
+        return optimizer
 
 
 # -- argument checks ------------------------------------------------------------
 
 
-def _checked_beta(name, value) -> float:
+def _checked_beta(name: str, value: Any) -> float:
     beta = _real(value)
     if beta is None or not 0 <= beta < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return beta
 
 
-def _check_choice(name, value, choices):
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _checked_learning_rate(learning_rate):
+def _checked_learning_rate(learning_rate: Any) -> Any:
     if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
         return learning_rate
     value = _real(learning_rate)
@@ -522,7 +539,7 @@ def _checked_learning_rate(learning_rate):
     return value
 
 
-def _checked_weight_decay(weight_decay) -> float:
+def _checked_weight_decay(weight_decay: Any) -> float:
     value = _real(weight_decay)
     if value is None or not 0 <= value < math.inf:
         raise ValueError(
@@ -532,7 +549,7 @@ def _checked_weight_decay(weight_decay) -> float:
     return value
 
 
-def _compile_patterns(name, patterns):
+def _compile_patterns(name: str, patterns: Any) -> list[re.Pattern[str]]:
     if isinstance(patterns, str):
         raise ValueError(f"{name} must be a list of regular expressions, not one string")
     if not isinstance(patterns, Iterable):
@@ -550,7 +567,7 @@ def _compile_patterns(name, patterns):
     return compiled
 
 
-def _compile_multipliers(name, multipliers):
+def _compile_multipliers(name: str, multipliers: Any) -> list[tuple[re.Pattern[str], float]]:
     if multipliers is None:
         return []
     if not isinstance(multipliers, Mapping):
@@ -566,11 +583,11 @@ def _compile_multipliers(name, multipliers):
     return compiled
 
 
-def _first_match(multipliers, path) -> float:
+def _first_match(multipliers: list[tuple[re.Pattern[str], float]], path: str) -> float:
     return next((factor for pattern, factor in multipliers if pattern.search(path)), 1.0)
 
 
-def _peak_learning_rate(learning_rate) -> float:
+def _peak_learning_rate(learning_rate: Any) -> float | None:
     """The learning rate the decoupled decay is measured against (None: a constant one)."""
     if _real(learning_rate) is not None:
         return None
@@ -581,8 +598,8 @@ def _peak_learning_rate(learning_rate) -> float:
     peak = next((c for c in candidates if c is not None), None)
     values = getattr(learning_rate, "values", None)
     if peak is None and isinstance(values, (list, tuple)):
-        reals = [_real(value) for value in values]
-        if None not in reals:
+        reals = [real for real in map(_real, values) if real is not None]
+        if len(reals) == len(values):
             peak = max(reals)  # PiecewiseConstantDecay
     if peak is None or not peak > 0:
         raise ValueError(
@@ -596,7 +613,7 @@ def _peak_learning_rate(learning_rate) -> float:
 # -- the host path ------------------------------------------------------------------
 
 
-def _host_unsupported_reason(var_list, offload_state) -> str | None:
+def _host_unsupported_reason(var_list: list[Any], offload_state: bool) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
     backend = backends.current()
     for variable in var_list:
@@ -605,12 +622,12 @@ def _host_unsupported_reason(var_list, offload_state) -> str | None:
             return f"Keras variables ({path} is a {type(variable).__name__})"
         if str(variable.dtype) != "float32":
             return f"float32 variables ({path} is {variable.dtype})"
-        reason = backend.unsupported_reason(variable, offload_state)
+        reason: str | None = backend.unsupported_reason(variable, offload_state)
         if reason is not None:
             return reason
     return None
 
 
-def _path(variable) -> str:
+def _path(variable: Any) -> str:
     """A Keras variable's path; a raw backend variable's name (TF: "Variable:0")."""
-    return getattr(variable, "path", None) or variable.name
+    return str(getattr(variable, "path", None) or variable.name)

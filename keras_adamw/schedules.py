@@ -10,12 +10,13 @@ including ``keras_adamw.AdamW(weight_decay=...)``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 from keras import ops
 
 
-class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
+class _Warmup(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
     """Linear warmup, then `_decay_fraction` shapes the way down."""
 
     def __init__(
@@ -30,15 +31,15 @@ class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
         for arg, value in (("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{arg} must be an int >= 0, got {value!r}")
-        for arg, value in (
+        for arg, number in (
             ("peak_value", peak_value),
             ("initial_value", initial_value),
             ("final_value", final_value),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{arg} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ValueError(f"{arg} must be a number, got {number!r}")
+            if not math.isfinite(number) or number < 0:
+                raise ValueError(f"{arg} must be a finite number >= 0, got {number!r}")
         self.peak_value = float(peak_value)
         self.warmup_steps = warmup_steps
         self.decay_steps = decay_steps
@@ -46,11 +47,11 @@ class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
         self.final_value = float(final_value)
         self.name = name
 
-    def _decay_fraction(self, progress):
+    def _decay_fraction(self, progress: Any) -> Any:
         """How far down the value is, from 0 at the peak to 1 at the end."""
         raise NotImplementedError
 
-    def __call__(self, step):
+    def __call__(self, step: Any) -> Any:
         step = ops.cast(step, "float32")
         warmup = max(self.warmup_steps, 1)
         rising = self.initial_value + (self.peak_value - self.initial_value) * step / warmup
@@ -60,7 +61,7 @@ class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
         )
         return ops.where(step < self.warmup_steps, rising, falling)
 
-    def get_config(self) -> dict:
+    def get_config(self) -> dict[str, Any]:
         return {
             "peak_value": self.peak_value,
             "warmup_steps": self.warmup_steps,
@@ -75,7 +76,7 @@ class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
 class WarmupCosineDecay(_Warmup):
     """Linear warmup to ``peak_value``, then a half cosine down to ``final_value``."""
 
-    def _decay_fraction(self, progress):
+    def _decay_fraction(self, progress: Any) -> Any:
         return 0.5 * (1.0 - ops.cos(math.pi * progress))
 
 
@@ -83,5 +84,5 @@ class WarmupCosineDecay(_Warmup):
 class WarmupLinearDecay(_Warmup):
     """Linear warmup to ``peak_value``, then a straight line down to ``final_value``."""
 
-    def _decay_fraction(self, progress):
+    def _decay_fraction(self, progress: Any) -> Any:
         return progress

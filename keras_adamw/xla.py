@@ -51,7 +51,7 @@ def adamw_update(
     weight_decay_mode: str = "coupled",
     decay_form: str | None = None,
     maximize: bool = False,
-) -> tuple[list, list, list, list | None]:
+) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
     """One AdamW step of the host kernel as a JAX operation.
 
     ``step`` (1-based), ``learning_rate`` and ``weight_decay`` are scalars,
@@ -90,7 +90,7 @@ def adamw_update(
         attributes["decay_form"] = decay_form
     new = jax.ffi.ffi_call(
         register(),
-        [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in results],
+        [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in results],  # type: ignore[no-untyped-call]
         input_output_aliases=aliases,
     )(
         jnp.asarray(step),
@@ -103,7 +103,7 @@ def adamw_update(
     return lists[0], lists[1], lists[2], lists[3] if amsgrad_max is not None else None
 
 
-def _check_lists(lists: dict) -> None:
+def _check_lists(lists: dict[str, Any]) -> None:
     import jax.numpy as jnp
 
     params = lists["params"]

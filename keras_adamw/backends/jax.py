@@ -4,13 +4,18 @@ as Keras's trainer does); with offloaded state, an ordered host callback."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from keras import ops
 
 from keras_adamw import xla
 
+if TYPE_CHECKING:
+    from keras_adamw.optimizer import AdamW
 
-def unsupported_reason(variable, offload_state) -> str | None:
+
+def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     platforms = [device.platform for device in value.devices()]
     if len(platforms) > 1:
@@ -20,29 +25,35 @@ def unsupported_reason(variable, offload_state) -> str | None:
     return None
 
 
-def dense(gradient):
+def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
         return gradient.todense()
     return gradient
 
 
 class HostPath:
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
 
     def falls_back_to_ops(self) -> bool:
         return False
 
-    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+    def ops_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> bool:
         return False  # XLA fuses the keras.ops update
 
-    def update_step(self, grads, variables, learning_rate, indices):
+    def update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         if self.optimizer.offload_state:
             self.offloaded_update_step(grads, variables, learning_rate, indices)
         else:
             self.kernel_update_step(grads, variables, learning_rate, indices)
 
-    def kernel_update_step(self, grads, variables, learning_rate, indices):
+    def kernel_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         """The kernel as an XLA custom call on the variables' buffers (in place:
         Keras's JAX trainer donates the parameters and state)."""
         optimizer = self.optimizer
@@ -66,11 +77,13 @@ class HostPath:
                 epsilon=optimizer.epsilon,
                 **optimizer._kernel_options(),
             )
-            for group, values in zip(written, new_values, strict=False):  # no AMSGrad: 3 of 4
+            for group, values in zip(written, filter(None, new_values), strict=True):
                 for variable, value in zip(group, values, strict=True):
                     variable.assign(value)
 
-    def offloaded_update_step(self, grads, variables, learning_rate, indices):
+    def offloaded_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         """The state stays in host arrays that an ordered callback updates:
         only the parameters and gradients cross, as in ZeRO-Offload."""
         import jax
@@ -82,7 +95,9 @@ class HostPath:
         accumulation = optimizer.gradient_accumulation_steps
         applies = (optimizer._iterations + 1) % accumulation == 0 if accumulation else True
 
-        def offloaded(applies, step, lr, wd, params, grads):
+        def offloaded(
+            applies: Any, step: Any, lr: Any, wd: Any, params: list[Any], grads: list[Any]
+        ) -> list[np.ndarray]:
             params = [np.array(p) for p in params]  # writable copies
             if applies:
                 grads = [np.asarray(g) for g in grads]
@@ -96,7 +111,7 @@ class HostPath:
         scalars = (optimizer.iterations + 1, learning_rate, optimizer.weight_decay)
         new_params = io_callback(
             offloaded,
-            [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],
+            [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],  # type: ignore[no-untyped-call]
             ops.convert_to_tensor(applies),
             *map(ops.convert_to_tensor, scalars),
             params,

@@ -20,13 +20,18 @@ import os
 import sys
 import types
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keras_adamw import _core
 
+if TYPE_CHECKING:
+    from keras_adamw.optimizer import AdamW
 
-def unsupported_reason(variable, offload_state) -> str | None:
+
+def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     import tensorflow as tf
 
@@ -49,7 +54,7 @@ def unsupported_reason(variable, offload_state) -> str | None:
     return None
 
 
-def dense(gradient):
+def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "IndexedSlices":  # the conversion sums duplicate rows
         import tensorflow as tf
 
@@ -65,11 +70,11 @@ def compiles_with_xla() -> bool:
         from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
     except ImportError:
         return False
-    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 class HostPath:
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
         self.results = ResultArrays()
 
@@ -80,10 +85,14 @@ class HostPath:
         automatic = optimizer.implementation == "auto" and not optimizer.offload_state
         return automatic and compiles_with_xla()
 
-    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+    def ops_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> bool:
         return False  # XLA fuses the keras.ops update
 
-    def update_step(self, grads, variables, learning_rate, indices):
+    def update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         if compiles_with_xla():
             raise ValueError(
                 'implementation="host" and offload_state on TensorFlow run the kernel in '
@@ -102,7 +111,14 @@ class HostPath:
         else:
             self.op_step(op, grads, variables, learning_rate, indices)
 
-    def distributed_op_step(self, op, grads, variables, learning_rate, indices):
+    def distributed_op_step(
+        self,
+        op: Callable[..., Any],
+        grads: list[Any],
+        variables: list[Any],
+        learning_rate: Any,
+        indices: list[int],
+    ) -> None:
         """Under a MirroredStrategy, as Keras's TF optimizer does it: the
         gradients summed across replicas, then each replica's copy of each
         variable updated by the op on that replica's device."""
@@ -113,10 +129,12 @@ class HostPath:
             list(zip(grads, [v.value for v in variables], strict=True))
         )
 
-        def update_each_replica(distribution, grads_and_vars):
+        def update_each_replica(distribution: Any, grads_and_vars: list[Any]) -> None:
             for k, (grad, mirrored) in enumerate(grads_and_vars):
 
-                def update(_, grad, k=k):  # the Keras variable reads the replica's copy here
+                def update(
+                    _: Any, grad: Any, k: int = k
+                ) -> None:  # the Keras variable reads the replica's copy here
                     self.op_step(op, [grad], [variables[k]], learning_rate, [indices[k]])
 
                 distribution.extended.update(mirrored, update, args=(grad,), group=False)
@@ -125,7 +143,14 @@ class HostPath:
             update_each_replica, optimizer._distribution_strategy, grads_and_vars
         )
 
-    def op_step(self, op, grads, variables, learning_rate, indices):
+    def op_step(
+        self,
+        op: Callable[..., Any],
+        grads: list[Any],
+        variables: list[Any],
+        learning_rate: Any,
+        indices: list[int],
+    ) -> None:
         """One op per variable: TF can run them side by side, and frees each
         variable's old memory as soon as its new values are assigned. The
         rates are formed once per parameter group."""
@@ -156,7 +181,9 @@ class HostPath:
                 for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
                     optimizer.assign(target, value)
 
-    def numpy_function_step(self, grads, variables, learning_rate, indices):
+    def numpy_function_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         import tensorflow as tf
 
         optimizer = self.optimizer
@@ -165,7 +192,7 @@ class HostPath:
         state = [] if offloaded else [s[i] for s in optimizer._slot_lists() for i in indices]
         written = list(variables) + state
 
-        def kernel(step, lr, wd, *arrays):
+        def kernel(step: Any, lr: Any, wd: Any, *arrays: np.ndarray) -> list[np.ndarray]:
             # params, grads, then each slot list (not offloaded): n arrays each
             params_in, grads, *state_in = (arrays[k : k + n] for k in range(0, len(arrays), n))
             results = [
@@ -214,10 +241,10 @@ class ResultArrays:
 
     KEEP = 3  # per key: the variable's current memory, the previous one, the next result
 
-    def __init__(self):
-        self.arrays = {}
+    def __init__(self) -> None:
+        self.arrays: dict[Any, list[np.ndarray]] = {}
 
-    def array(self, key, shape) -> np.ndarray:
+    def array(self, key: Any, shape: tuple[int, ...]) -> np.ndarray:
         arrays = self.arrays.setdefault(key, [])
         for array in arrays:
             # References: the list, `array`, and getrefcount's own argument.
@@ -229,7 +256,7 @@ class ResultArrays:
         return fresh
 
 
-def aligned_empty(shape, alignment=64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
     """A float32 array at a 64-byte aligned address, which TF takes without copying."""
     size = math.prod(shape)
     raw = np.empty(size + alignment // 4, np.float32)
@@ -238,7 +265,7 @@ def aligned_empty(shape, alignment=64) -> np.ndarray:
 
 
 @functools.cache
-def update_op():
+def update_op() -> Callable[..., Any] | None:
     """The kernel's TensorFlow op as a Python function (TF's generated wrapper),
     registered on first use; None, with a warning, where it cannot be."""
     try:
@@ -257,7 +284,8 @@ def update_op():
     op_list = op_def_pb2.OpList(op=[op_def_registry.get(name)])
     module = types.ModuleType("keras_adamw_tensorflow_ops")
     exec(_pywrap_python_op_gen.GetPythonWrappers(op_list.SerializeToString()), module.__dict__)
-    return module.keras_adamw_update
+    op: Callable[..., Any] = module.keras_adamw_update
+    return op
 
 
 def framework_library() -> str:

@@ -4,44 +4,52 @@ accelerator are staged through host buffers (pinned when CUDA is there)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from keras import ops
 
+if TYPE_CHECKING:
+    from keras_adamw.optimizer import AdamW
 
-def unsupported_reason(variable, offload_state) -> str | None:
+
+def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     if value.device.type != "cpu" and not offload_state:
         return f"variables in CPU memory ({variable.path} is on {value.device.type})"
     return None
 
 
-def dense(gradient):
+def dense(gradient: Any) -> Any:
     return gradient
 
 
-def numpy_view(tensor) -> np.ndarray:
+def numpy_view(tensor: Any) -> np.ndarray:
     """A CPU tensor's memory as a NumPy array (the kernel's cheapest argument)."""
-    return tensor.detach().numpy()
+    view: np.ndarray = tensor.detach().numpy()
+    return view
 
 
-def host_memory(slot) -> np.ndarray:
+def host_memory(slot: Any) -> np.ndarray:
     """A slot's memory: a view of a Keras variable's tensor, or an offloaded array as it is."""
     return slot if isinstance(slot, np.ndarray) else numpy_view(slot.value)
 
 
-def on_accelerator(tensor) -> bool:
-    return tensor.device.type != "cpu"
+def on_accelerator(tensor: Any) -> bool:
+    return bool(tensor.device.type != "cpu")
 
 
 class HostPath:
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
         self.staging = StagingBuffers()
 
     def falls_back_to_ops(self) -> bool:
         return False
 
-    def ops_update_step(self, grads, variables, learning_rate, indices) -> bool:
+    def ops_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> bool:
         """Where the host kernel does not run: the update as `torch._foreach_*`
         ops, one call of each per parameter group, as Keras's torch AdamW does
         (keras/src/backend/torch/optimizers/torch_adam.py); False, having done
@@ -63,7 +71,7 @@ class HostPath:
         beta_2_power = ops.power(ops.cast(optimizer.beta_2, dtype), local_step)
         grads = [grad.to(dtype) for grad in grads]
         if optimizer.maximize:
-            grads = torch._foreach_neg(grads)
+            grads = list(torch._foreach_neg(grads))
         momenta, velocities, velocity_hats = optimizer._slots(indices)
         with torch.no_grad():  # Keras's variables are leaves that require grad
             for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
@@ -95,7 +103,9 @@ class HostPath:
                 torch._foreach_add_(p, step, alpha=-1)
         return True
 
-    def update_step(self, grads, variables, learning_rate, indices):
+    def update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         """In place on CPU variables. With offloaded state, variables on an
         accelerator are staged: parameters and gradients are copied into host
         buffers, updated there, and the parameters copied back."""
@@ -130,10 +140,10 @@ class HostPath:
 class StagingBuffers:
     """Host buffers (pinned when CUDA is there) for tensors staged from an accelerator."""
 
-    def __init__(self):
-        self.buffers = {}
+    def __init__(self) -> None:
+        self.buffers: dict[Any, Any] = {}
 
-    def copy_in(self, key, tensor):
+    def copy_in(self, key: Any, tensor: Any) -> Any:
         import torch
 
         buffer = self.buffers.get(key)
