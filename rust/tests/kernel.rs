@@ -267,3 +267,17 @@ fn mismatched_lengths_are_refused() {
     assert_eq!(error.argument, "grads");
     assert!(set_num_threads(0).is_err());
 }
+
+/// The bitwise test above covers a vector level only where it runs: on the
+/// targets CI runs (x86-64 natively, aarch64 under QEMU) it must.
+#[test]
+fn the_target_s_vector_level_is_among_those_tested() {
+    let levels = supported_levels();
+    #[cfg(target_arch = "aarch64")]
+    assert!(levels.contains(&simd::SimdLevel::Neon), "{levels:?}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(levels.contains(&simd::SimdLevel::Avx2), "{levels:?}");
+    }
+    assert_eq!(levels[0], simd::SimdLevel::Scalar);
+}
