@@ -1,4 +1,5 @@
-"""The README's main job: examples/train_digits.py trains and reports its accuracy."""
+"""The README's main job: examples/train_digits.py trains one model with
+keras.optimizers.AdamW and with ours, reports both, and plots them."""
 
 import os
 import re
@@ -12,8 +13,9 @@ from keras_helpers import BACKEND
 EXAMPLE = Path(__file__).parents[2] / "examples" / "train_digits.py"
 
 
-def test_digits_example_learns(tmp_path):
+def test_digits_example_learns_with_both_optimizers_and_plots(tmp_path):
     pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
     env = dict(os.environ, KERAS_BACKEND=BACKEND)
     out = subprocess.run(
         [sys.executable, str(EXAMPLE)],
@@ -25,5 +27,11 @@ def test_digits_example_learns(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"on {BACKEND}" in out.stdout
-    accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out.stdout).group(1))
-    assert accuracy >= 0.93, out.stdout[-2000:]
+    for line in (
+        r"^keras\.optimizers\.AdamW test accuracy: ([0-9.]+)$",
+        r"^test accuracy: ([0-9.]+) \(keras_adamw\.AdamW\)$",
+    ):
+        accuracy = float(re.search(line, out.stdout, re.MULTILINE).group(1))
+        assert accuracy >= 0.93, out.stdout[-2000:]
+    assert re.search(r"epochs 2-\d+: keras.optimizers.AdamW [0-9.]+ s, keras_adamw", out.stdout)
+    assert (tmp_path / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
