@@ -14,6 +14,7 @@ on a CPU-only machine; Keras's AdamW also with XLA), JAX jitted with the state
 donated and returned in one structure, torch eagerly. Then one epoch of `fit`
 of an embedding-heavy model. Median ms.
 
+    python benchmarks/keras_step.py --plot keras_step.png   # also a chart of the step tables
     python benchmarks/keras_step.py --memory   # peak extra memory of a step instead
 
 The peak resident memory of a few steps on one large variable, above the
@@ -26,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -237,6 +239,57 @@ def print_report(report):
         print(f"    {name:<28} {seconds:7.2f} s   x keras {keras_s / seconds:5.2f}")
 
 
+def cpu_name() -> str:
+    """The CPU's model name, thread count and AVX-512 (Linux), for tables and charts."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpuinfo = file.read()
+    except OSError:
+        return platform.processor() or "CPU"
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in cpuinfo.splitlines()
+        if line.startswith("model name")
+    ]
+    avx512 = " with AVX-512" if " avx512f" in cpuinfo else ""
+    return f"{names[0]}{avx512}, {len(names)} threads" if names else platform.processor() or "CPU"
+
+
+def plot_reports(reports, path):
+    """One chart per backend: Gparam/s of each contender per row, the ceiling dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        1, len(reports), figsize=(6 * len(reports), 4.5), squeeze=False, sharey=True
+    )
+    names = dict.fromkeys(n for r in reports for n in r["steps"][0]["times"] if n != CEILING)
+    colors = {name: f"C{k}" for k, name in enumerate(names)}  # one color per contender
+    for ax, report in zip(axes[0], reports, strict=True):
+        rows = report["steps"]
+        shown = [n for n in rows[0]["times"] if n != CEILING]
+        width = 0.8 / len(shown)
+        for k, name in enumerate(shown):
+            rates = [parse_size(r["size"]) / r["times"][name] / 1e9 for r in rows]
+            offsets = [i + (k - len(shown) / 2 + 0.5) * width for i in range(len(rows))]
+            ax.bar(offsets, rates, width, label=name, color=colors[name])
+        for i, row in enumerate(rows):
+            rate = parse_size(row["size"]) / row["times"][CEILING] / 1e9
+            label = CEILING if i == 0 else None
+            ax.hlines(rate, i - 0.45, i + 0.45, colors="black", linestyles="dashed", label=label)
+        ax.set_xticks(range(len(rows)), [f"{r['size']} x {r['tensors']}" for r in rows])
+        ax.set(title=report["backend"], xlabel="params x variables", ylabel="Gparam/s")
+        ax.legend(fontsize="x-small")
+    figure.suptitle(
+        f"One AdamW step as the trainer runs it (Gparam/s, higher is faster); {cpu_name()}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"\nwrote {path}")
+
+
 def report_memory(args):
     """Processes per backend and contender, interleaved; prints the median peaks."""
     print(
@@ -300,6 +353,7 @@ def main():
     parser.add_argument("--memory-size", default="128M")
     parser.add_argument("--memory-steps", type=int, default=5)
     parser.add_argument("--memory-reps", type=int, default=3)
+    parser.add_argument("--plot", metavar="PNG", help="also draw the step tables as a PNG chart")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -308,13 +362,18 @@ def main():
     if args.memory:
         return report_memory(args)
 
+    print(f"CPU: {cpu_name()}")
+    reports = []
     for backend in installed(args.backends.split(",")):
         child = [sys.executable, __file__, "--child", *sys.argv[1:]]
         out = subprocess.run(child, env=backend_env(backend), capture_output=True, text=True)
         if out.returncode != 0:
             print(f"\n== {backend}: failed\n{out.stderr[-3000:]}")
             continue
-        print_report(json.loads(out.stdout.strip().splitlines()[-1]))
+        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print_report(reports[-1])
+    if args.plot and reports:
+        plot_reports(reports, args.plot)
 
 
 if __name__ == "__main__":
