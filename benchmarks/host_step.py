@@ -13,12 +13,12 @@ ufuncs, and DeepSpeedCPUAdam when it imports. Figures are median ms per step.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
+from _charts import bar_chart, cpu_name
 
 from keras_adamw import _core, host
 
@@ -178,6 +178,25 @@ def run_row(total: int, tensors: int, threads: int, reps: int, skip_slow: bool) 
     return contenders
 
 
+def plot_rows(rows: list[tuple[int, str, dict[str, float]]], path: str) -> None:
+    """One chart per thread count; a contender missing from a row (DeepSpeed
+    not importable, slow ones skipped) has no bar there."""
+    ceiling = "in-place loop (ceiling)"
+    panels = []
+    for threads in dict.fromkeys(t for t, _, _ in rows):
+        mine = [(label, rates) for t, label, rates in rows if t == threads]
+        names = dict.fromkeys(n for _, rates in mine for n in rates if n != ceiling)
+        panels.append(
+            (
+                f"{threads} thread{'s' if threads > 1 else ''}",
+                [label for label, _ in mine],
+                {n: [rates.get(n, float("nan")) for _, rates in mine] for n in names},
+                [rates[ceiling] for _, rates in mine],
+            )
+        )
+    bar_chart(panels, path, "One AdamW step on host memory", "params x tensors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,15 +208,17 @@ def main() -> None:
     parser.add_argument(
         "--skip-slow", action="store_true", help="leave out torch for-loop and NumPy"
     )
+    parser.add_argument("--plot", metavar="PNG", help="also draw the table as a PNG chart")
     args = parser.parse_args()
 
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {host.simd_level()} kernel")
+    print(f"CPU: {cpu_name()}; {host.simd_level()} kernel")
     print(
         f"torch {torch.__version__}; keras_adamw {_core.__version__}; {args.reps} steps per cell\n"
     )
     ours_rate: dict[tuple[int, int], float] = {}
+    rows: list[tuple[int, str, dict[str, float]]] = []  # (threads, label, Gparam/s by name)
     header = (
         f"{'params':>7} {'tensors':>7} {'thr':>3}  {'implementation':<24} {'ms':>8} "
         f"{'Gparam/s':>9} {'% bound':>8} {'ours x':>7}"
@@ -219,8 +240,12 @@ def main() -> None:
                         f"{c.median * 1e3:8.2f} "
                         f"{rate:9.3f} {100 * bound / c.median:7.1f}% {c.median / ours_ms:7.2f}"
                     )
+                rates = {c.name: total / c.median / 1e9 for c in contenders}
+                rows.append((threads, f"{size_text} x {tensors}", rates))
                 gbps = BYTES_PER_PARAM * total / bound / 1e9
                 print(f"{'':>20}  ceiling bandwidth {gbps:.1f} GB/s in place\n")
+    if args.plot:
+        plot_rows(rows, args.plot)
     print("keras_adamw.host, rate with many tensors as % of the 1-tensor rate:")
     for (total, threads, tensors), rate in ours_rate.items():
         one = ours_rate.get((total, threads, 1))

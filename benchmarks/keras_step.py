@@ -27,11 +27,12 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _charts import bar_chart, cpu_name
 
 
 def parse_size(text: str) -> int:
@@ -239,55 +240,25 @@ def print_report(report):
         print(f"    {name:<28} {seconds:7.2f} s   x keras {keras_s / seconds:5.2f}")
 
 
-def cpu_name() -> str:
-    """The CPU's model name, thread count and AVX-512 (Linux), for tables and charts."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpuinfo = file.read()
-    except OSError:
-        return platform.processor() or "CPU"
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in cpuinfo.splitlines()
-        if line.startswith("model name")
-    ]
-    avx512 = " with AVX-512" if " avx512f" in cpuinfo else ""
-    return f"{names[0]}{avx512}, {len(names)} threads" if names else platform.processor() or "CPU"
-
-
 def plot_reports(reports, path):
-    """One chart per backend: Gparam/s of each contender per row, the ceiling dashed."""
-    import matplotlib
+    """One chart per backend: Gparam/s of each contender per row."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def rate(row, name):
+        return parse_size(row["size"]) / row["times"][name] / 1e9
 
-    figure, axes = plt.subplots(
-        1, len(reports), figsize=(6 * len(reports), 4.5), squeeze=False, sharey=True
-    )
-    names = dict.fromkeys(n for r in reports for n in r["steps"][0]["times"] if n != CEILING)
-    colors = {name: f"C{k}" for k, name in enumerate(names)}  # one color per contender
-    for ax, report in zip(axes[0], reports, strict=True):
+    panels = []
+    for report in reports:
         rows = report["steps"]
-        shown = [n for n in rows[0]["times"] if n != CEILING]
-        width = 0.8 / len(shown)
-        for k, name in enumerate(shown):
-            rates = [parse_size(r["size"]) / r["times"][name] / 1e9 for r in rows]
-            offsets = [i + (k - len(shown) / 2 + 0.5) * width for i in range(len(rows))]
-            ax.bar(offsets, rates, width, label=name, color=colors[name])
-        for i, row in enumerate(rows):
-            rate = parse_size(row["size"]) / row["times"][CEILING] / 1e9
-            label = CEILING if i == 0 else None
-            ax.hlines(rate, i - 0.45, i + 0.45, colors="black", linestyles="dashed", label=label)
-        ax.set_xticks(range(len(rows)), [f"{r['size']} x {r['tensors']}" for r in rows])
-        ax.set(title=report["backend"], xlabel="params x variables", ylabel="Gparam/s")
-        ax.legend(fontsize="x-small")
-    figure.suptitle(
-        f"One AdamW step as the trainer runs it (Gparam/s, higher is faster); {cpu_name()}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    print(f"\nwrote {path}")
+        names = [n for n in rows[0]["times"] if n != CEILING]
+        panels.append(
+            (
+                report["backend"],
+                [f"{row['size']} x {row['tensors']}" for row in rows],
+                {name: [rate(row, name) for row in rows] for name in names},
+                [rate(row, CEILING) for row in rows],
+            )
+        )
+    bar_chart(panels, path, "One AdamW step as the trainer runs it", "params x variables")
 
 
 def report_memory(args):
