@@ -4,15 +4,17 @@
     python benchmarks/keras_step.py --backends torch --sizes 16M --reps 3
 
 Per backend, in one process and interleaved step by step: the memory-bandwidth
-ceiling (an in-place loop with the update's memory traffic), keras.optimizers.AdamW,
-keras_adamw.AdamW on the ops path, and on the host kernel (torch: in place;
-JAX: an XLA custom call on the donated buffers; TensorFlow: our op, writing
-new tensors the variables adopt; offloaded, tf.numpy_function), with and
-without offloaded state. The step runs as the trainer
-runs it: TensorFlow in a tf.function (without XLA, as jit_compile="auto" does
-on a CPU-only machine; Keras's AdamW also with XLA), JAX jitted with the state
-donated and returned in one structure, torch eagerly. Then one epoch of `fit`
-of an embedding-heavy model. Median ms.
+ceiling (an in-place loop with the update's memory traffic),
+keras.optimizers.AdamW, keras_adamw.AdamW on the ops path, on the host kernel
+(torch: in place; JAX: an XLA custom call on the donated buffers; TensorFlow:
+our op, writing new tensors the variables adopt; offloaded, tf.numpy_function),
+with "auto", and with offloaded state. The step runs as the trainer runs it:
+TensorFlow in a tf.function (without XLA, as jit_compile="auto" does on a
+CPU-only machine), JAX by Keras's trainer (jitted, the state donated), torch
+eagerly; and in each backend's other mode: TensorFlow under XLA, JAX in a
+custom loop that jits without donating. A "who wins" table per backend shows
+the fastest of Keras, ops and host per row and mode, and "auto" against it.
+Then one epoch of `fit` of an embedding-heavy model. Median ms.
 
     python benchmarks/keras_step.py --plot keras_step.png   # also a chart of the step tables
     python benchmarks/keras_step.py --memory   # peak extra memory of a step instead
@@ -42,55 +44,142 @@ def parse_size(text: str) -> int:
     )
 
 
-def contenders(backend):
+# Each backend's ways to run a step: the first is its trainer's. TF's trainer
+# compiles without XLA on CPU (jit_compile="auto"); JAX's jits and donates the
+# state, which a custom loop may not.
+MODES = {"tensorflow": ["", ", XLA"], "jax": ["", ", not donated"], "torch": [""]}
+OPTIMIZERS = {
+    "keras.optimizers.AdamW": lambda keras, AdamW: keras.optimizers.AdamW(),
+    "keras_adamw ops": lambda keras, AdamW: AdamW(implementation="ops"),
+    "keras_adamw host": lambda keras, AdamW: AdamW(implementation="host"),
+    "keras_adamw auto": lambda keras, AdamW: AdamW(),
+    "keras_adamw host, offloaded": lambda keras, AdamW: AdamW(offload_state=True),
+}
+OFFLOADED = "keras_adamw host, offloaded"
+
+
+def contender_names(backend):
+    """Each optimizer in each mode, named "optimizer" + mode; the host path is
+    refused under XLA, and offloading is measured as the trainer runs it."""
+    return [
+        name + mode
+        for mode in MODES[backend]
+        for name in OPTIMIZERS
+        if not (mode and name == OFFLOADED) and not (mode == ", XLA" and "host" in name)
+    ]
+
+
+def split_name(name):
+    """("optimizer", mode) of a contender's name."""
+    modes = {mode for modes in MODES.values() for mode in modes}
+    return next(
+        (b, name[len(b) :]) for b in OPTIMIZERS if name[len(b) :] in modes and name.startswith(b)
+    )
+
+
+def trainer_names(backend):
+    """The contenders as the trainer runs them (and Keras's AdamW under XLA on
+    TF): those `fit` and the memory measurement compare."""
+    return [n for n in contender_names(backend) if not split_name(n)[1] or n == KERAS_XLA]
+
+
+KERAS_XLA = "keras.optimizers.AdamW, XLA"
+
+
+def make_optimizer(name):
     import keras
 
     from keras_adamw import AdamW
 
-    made = {"keras.optimizers.AdamW": lambda: keras.optimizers.AdamW()}
-    if backend == "tensorflow":
-        made[XLA] = lambda: keras.optimizers.AdamW()
-    made["keras_adamw ops"] = lambda: AdamW(implementation="ops")
-    made["keras_adamw host"] = lambda: AdamW(implementation="host")
-    made["keras_adamw host, offloaded"] = lambda: AdamW(offload_state=True)
-    return made
+    return OPTIMIZERS[split_name(name)[0]](keras, AdamW)
 
 
-XLA = "keras.optimizers.AdamW, XLA"
-
-
-def step_function(backend, optimizer, variables, grads, xla=False):
-    """A no-argument callable running one step the way the backend's trainer does."""
+def step_function(backend, name, variables, grads):
+    """A no-argument callable running one step of contender `name` the way its
+    mode runs it."""
     import keras
 
-    optimizer.build(variables)
+    optimizer, mode = make_optimizer(name), split_name(name)[1]
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda: optimizer.apply(grads, variables), jit_compile=xla)
+        optimizer.build(variables)
+        step = lambda: optimizer.apply(grads, variables)  # noqa: E731
+        return tf.function(step, jit_compile=mode == ", XLA")
     if backend == "jax":
-        import jax
-
-        def train_step(state, grads):  # as Keras's trainer: state in and out, donated
-            params, optimizer_variables = state
-            return optimizer.stateless_apply(optimizer_variables, grads, params)
-
-        apply = jax.jit(train_step, donate_argnums=0)
-        state = [[v.value for v in variables], [v.value for v in optimizer.variables]]
-
-        def step():
-            state[:] = apply(state, grads)
-            jax.block_until_ready(state[0])
-
-        return step
+        return (
+            jax_trainer_step(optimizer, variables, grads)
+            if not mode
+            else jax_step(optimizer, variables, grads)
+        )
 
     import torch
+
+    optimizer.build(variables)
 
     def step():
         with torch.no_grad():
             optimizer.apply(grads, variables)
 
     assert keras.backend.backend() == "torch"
+    return step
+
+
+def jax_trainer_step(optimizer, variables, grads):
+    """The optimizer's step run by Keras's JAX trainer itself (jitted, the
+    state donated), with the gradients given instead of computed."""
+    import jax
+    import keras
+
+    class OptimizerStep(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.parameters = variables
+
+        def train_step(self, state, grads):
+            trainable, non_trainable, optimizer_variables, metrics = state
+            trainable, optimizer_variables = self.optimizer.stateless_apply(
+                optimizer_variables, grads, trainable
+            )
+            return {}, (trainable, non_trainable, optimizer_variables, metrics)
+
+    model = OptimizerStep()
+    model.compile(optimizer=optimizer)
+    optimizer.build(model.trainable_variables)
+    model.make_train_function()
+    state = [
+        model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+        )
+    ]
+
+    def step():
+        _, state[0] = model.train_function(state[0], iter([grads]))
+        jax.block_until_ready(state[0])
+
+    return step
+
+
+def jax_step(optimizer, variables, grads):
+    """A custom loop's step: stateless_apply jitted without donation."""
+    import jax
+
+    optimizer.build(variables)
+
+    def train_step(state, grads):
+        params, optimizer_variables = state
+        return optimizer.stateless_apply(optimizer_variables, grads, params)
+
+    apply = jax.jit(train_step)
+    state = [[v.value for v in variables], [v.value for v in optimizer.variables]]
+
+    def step():
+        state[:] = apply(state, grads)
+        jax.block_until_ready(state[0])
+
     return step
 
 
@@ -118,12 +207,12 @@ def measure_steps(backend, total, tensors, reps):
     sizes = [total // tensors + (i < total % tensors) for i in range(tensors)]
     rows = {}
     runners = {}
-    for name, make in contenders(backend).items():
+    for name in contender_names(backend):
         variables = [keras.Variable(rng.standard_normal(n, dtype=np.float32)) for n in sizes]
         grads = [
             keras.ops.convert_to_tensor(rng.standard_normal(n, dtype=np.float32)) for n in sizes
         ]
-        runners[name] = step_function(backend, make(), variables, grads, xla=name == XLA)
+        runners[name] = step_function(backend, name, variables, grads)
         runners[name]()  # compile, first touch
         rows[name] = []
     runners[CEILING] = ceiling_loop(sizes)
@@ -146,7 +235,7 @@ def measure_fit(backend, steps, reps):
     x = rng.integers(0, vocabulary, (steps * 64, 8))
     y = rng.standard_normal((steps * 64, 1)).astype("float32")
     models = {}
-    for name, make in contenders(backend).items():
+    for name in trainer_names(backend):
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [
@@ -156,7 +245,9 @@ def measure_fit(backend, steps, reps):
                 keras.layers.Dense(1),
             ]
         )
-        model.compile(optimizer=make(), loss="mse", jit_compile=name == XLA or "auto")
+        model.compile(
+            optimizer=make_optimizer(name), loss="mse", jit_compile=name == KERAS_XLA or "auto"
+        )
         model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0)  # compile
         models[name] = model
     times = {name: [] for name in models}
@@ -187,7 +278,7 @@ def measure_memory(backend, name, total, steps):
 
     variables = [keras.Variable(np.ones(total, np.float32))]
     grads = [keras.ops.convert_to_tensor(np.full(total, 1e-3, np.float32))]
-    step = step_function(backend, contenders(backend)[name](), variables, grads, xla=name == XLA)
+    step = step_function(backend, name, variables, grads)
     peaks = []
     for _ in range(2):
         gc.collect()
@@ -208,36 +299,94 @@ def run_backend(args):
         total = parse_size(args.memory_size)
         print(json.dumps(measure_memory(backend, args.memory_of, total, args.memory_steps)))
         return
-    report = {"backend": backend, "steps": [], "fit": None}
-    for size in args.sizes.split(","):
-        for tensors in map(int, args.tensors.split(",")):
-            times = measure_steps(backend, parse_size(size), tensors, args.reps)
-            report["steps"].append({"size": size, "tensors": tensors, "times": times})
-    fit_times = measure_fit(backend, args.fit_steps, args.fit_reps)
-    report["fit"] = {"steps": args.fit_steps, "times": fit_times}
-    print(json.dumps(report))
+    if args.steps_of:
+        size, tensors = args.steps_of.split("x")
+        times = measure_steps(backend, parse_size(size), int(tensors), args.reps)
+        print(json.dumps({"size": size, "tensors": int(tensors), "times": times}))
+    else:
+        print(
+            json.dumps(
+                {
+                    "steps": args.fit_steps,
+                    "times": measure_fit(backend, args.fit_steps, args.fit_reps),
+                }
+            )
+        )
+
+
+def measure_backend(backend, args):
+    """A process per row of the step table (a row's contenders hold several GB,
+    and each row starts from a fresh allocator), then one for `fit`."""
+
+    def child(*extra):
+        command = [sys.executable, __file__, "--child", *sys.argv[1:], *extra]
+        out = subprocess.run(command, env=backend_env(backend), capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{backend} {' '.join(extra)} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = [
+        child("--steps-of", f"{size}x{tensors}")
+        for size in args.sizes.split(",")
+        for tensors in args.tensors.split(",")
+    ]
+    return {"backend": backend, "steps": rows, "fit": child()}
 
 
 def print_report(report):
     backend = report["backend"]
     print(f"\n== {backend}")
     print(
-        f"{'params':>7} {'vars':>4}  {'implementation':<28} {'ms':>9} "
+        f"{'params':>7} {'vars':>4}  {'implementation':<40} {'ms':>9} "
         f"{'Gparam/s':>9} {'x keras':>8}"
     )
     for row in report["steps"]:
         total = parse_size(row["size"])
-        keras_ms = row["times"]["keras.optimizers.AdamW"]
         for name, seconds in row["times"].items():
+            keras_ms = row["times"]["keras.optimizers.AdamW" + mode_of(name)]
             print(
-                f"{row['size']:>7} {row['tensors']:>4}  {name:<28} {seconds * 1e3:9.2f} "
+                f"{row['size']:>7} {row['tensors']:>4}  {name:<40} {seconds * 1e3:9.2f} "
                 f"{total / seconds / 1e9:9.3f} {keras_ms / seconds:8.2f}"
             )
+    print_who_wins(report)
     fit = report["fit"]
     keras_s = fit["times"]["keras.optimizers.AdamW"]
     print(f"  fit, embedding model (12.8M params), {fit['steps']} steps of batch 64, median epoch:")
     for name, seconds in fit["times"].items():
         print(f"    {name:<28} {seconds:7.2f} s   x keras {keras_s / seconds:5.2f}")
+
+
+def mode_of(name):
+    return "" if name == CEILING else split_name(name)[1]
+
+
+def print_who_wins(report):
+    """Per row and mode: each candidate's time as x Keras's AdamW in that mode,
+    the fastest of Keras, ops and host, and auto against it."""
+    short = {
+        "keras.optimizers.AdamW": "keras",
+        "keras_adamw ops": "ops",
+        "keras_adamw host": "host",
+    }
+    candidates = list(short)
+    mode_names = {"": "trainer", ", XLA": "XLA", ", not donated": "not donated"}
+    print(f"\n  who wins ({report['backend']}), x Keras's AdamW in the same mode:")
+    print(
+        f"  {'params x vars':<14} {'mode':<12} {'keras':>6} {'ops':>6} {'host':>6} {'auto':>6}"
+        "  best  auto/best"
+    )
+    for row in report["steps"]:
+        for mode in MODES[report["backend"]]:
+            times = {c: row["times"].get(c + mode) for c in [*candidates, "keras_adamw auto"]}
+            keras_s = times["keras.optimizers.AdamW"]
+            measured = {c: t for c, t in times.items() if t is not None and c in candidates}
+            best = min(measured, key=measured.get)
+            cells = [f"{keras_s / t:6.2f}" if t else f"{'-':>6}" for t in times.values()]
+            print(
+                f"  {row['size'] + ' x ' + str(row['tensors']):<14} {mode_names[mode]:<12} "
+                f"{' '.join(cells)}  {short[best]:<5} "
+                f"{measured[best] / times['keras_adamw auto']:6.2f}"
+            )
 
 
 def plot_reports(reports, path):
@@ -249,7 +398,7 @@ def plot_reports(reports, path):
     panels = []
     for report in reports:
         rows = report["steps"]
-        names = [n for n in rows[0]["times"] if n != CEILING]
+        names = trainer_names(report["backend"])  # the other modes are in the tables
         panels.append(
             (
                 report["backend"],
@@ -272,7 +421,7 @@ def report_memory(args):
     runs = {
         (backend, name): []
         for backend in installed(args.backends.split(","))
-        for name in contender_names(backend)
+        for name in trainer_names(backend)
     }
     for _ in range(args.memory_reps):
         for (backend, name), results in runs.items():
@@ -286,13 +435,6 @@ def report_memory(args):
         if results:
             first, steady = (statistics.median(r[k] for r in results) for k in range(2))
             print(f"  {backend:<11} {name:<28} first {first:+6.2f}x   steady {steady:+6.2f}x")
-
-
-def contender_names(backend):
-    """The names `contenders` gives, without importing Keras (the parent process)."""
-    xla = [XLA] if backend == "tensorflow" else []
-    ours = ["keras_adamw ops", "keras_adamw host", "keras_adamw host, offloaded"]
-    return ["keras.optimizers.AdamW", *xla, *ours]
 
 
 def installed(backends):
@@ -326,6 +468,7 @@ def main():
     parser.add_argument("--memory-reps", type=int, default=3)
     parser.add_argument("--plot", metavar="PNG", help="also draw the step tables as a PNG chart")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--steps-of", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -336,12 +479,11 @@ def main():
     print(f"CPU: {cpu_name()}")
     reports = []
     for backend in installed(args.backends.split(",")):
-        child = [sys.executable, __file__, "--child", *sys.argv[1:]]
-        out = subprocess.run(child, env=backend_env(backend), capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"\n== {backend}: failed\n{out.stderr[-3000:]}")
+        try:
+            reports.append(measure_backend(backend, args))
+        except RuntimeError as error:
+            print(f"\n== {error}")
             continue
-        reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print_report(reports[-1])
     if args.plot and reports:
         plot_reports(reports, args.plot)

@@ -64,7 +64,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             call on the donated buffers inside JAX's compiled step, a
             ``tf.numpy_function`` writing host arrays that TF then assigns
             (not under XLA: compile with ``jit_compile=False``); or ``"auto"``:
-            host where it can run, else ops (and ops under TF's XLA).
+            host where it can run, else ops (and ops under TF's XLA, and
+            in JAX steps jitted outside Keras's trainer, which may not
+            donate the state; pass ``"host"`` there if yours does).
         offload_state: keep m, v (and v̂) as NumPy arrays in host memory
             instead of Keras variables; the update runs in the host kernel,
             and only parameters and gradients cross (JAX: an ordered host
@@ -267,7 +269,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         grads = [dense(grad) for grad in grads]
         indices = [self._get_variable_index(v) for v in trainable_variables]
         path = self._host_path
-        if self._on_host and not path.falls_back_to_ops():
+        if self._on_host and not path.falls_back_to_ops(grads):
             path.update_step(grads, trainable_variables, learning_rate, indices)  # the Rust kernel
         elif not path.ops_update_step(grads, trainable_variables, learning_rate, indices):
             super()._backend_update_step(grads, trainable_variables, learning_rate)

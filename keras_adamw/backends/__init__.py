@@ -8,8 +8,8 @@ A backend module has:
 - ``dense(gradient)``: a sparse gradient of this backend as a dense tensor,
   duplicate rows summed as the dense gradient has them;
 - ``HostPath(optimizer)``, made at ``build``, with
-  ``falls_back_to_ops() -> bool`` (whether this trace must take the ops
-  path), ``update_step(grads, variables, learning_rate, indices)`` (one
+  ``falls_back_to_ops(grads) -> bool`` (whether this step, or this trace,
+  takes the ops path after all), ``update_step(grads, variables, learning_rate, indices)`` (one
   step in the host kernel, through the optimizer's ``_run_kernel``) and
   ``ops_update_step(...) -> bool`` (the backend's fastest update where the
   host kernel does not run; False, having done nothing, leaves the step to

@@ -4,6 +4,7 @@ as Keras's trainer does); with offloaded state, an ordered host callback."""
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +26,23 @@ def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     return None
 
 
+def traced_by_keras_trainer() -> bool:
+    """Whether Keras's JAX trainer is tracing this step. It jits its steps
+    with ``donate_argnums=0`` (`JAXTrainer.make_train_function`), so the
+    custom call updates the variables' buffers in place; JAX itself does not
+    tell a trace whether its arguments are donated."""
+    try:
+        from keras.src.backend.jax import trainer
+    except ImportError:  # Keras moved it: assume a custom loop
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == trainer.__file__:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
         return gradient.todense()
@@ -35,8 +53,18 @@ class HostPath:
     def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
 
-    def falls_back_to_ops(self) -> bool:
-        return False
+    def falls_back_to_ops(self, grads: list[Any]) -> bool:
+        """ "auto" in a jitted step that Keras's trainer did not make: the
+        caller may not donate the state, and then XLA copies each aliased
+        buffer before the custom call, which loses to the ops path
+        (benchmarks/keras_step.py, "not donated"). A custom loop that donates
+        asks for the host path with implementation="host"."""
+        import jax
+
+        optimizer = self.optimizer
+        automatic = optimizer.implementation == "auto" and not optimizer.offload_state
+        traced = any(isinstance(g, jax.core.Tracer) for g in grads)
+        return automatic and traced and not traced_by_keras_trainer()
 
     def ops_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]

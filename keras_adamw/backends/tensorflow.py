@@ -78,7 +78,7 @@ class HostPath:
         self.optimizer = optimizer
         self.results = ResultArrays()
 
-    def falls_back_to_ops(self) -> bool:
+    def falls_back_to_ops(self, grads: list[Any]) -> bool:
         """XLA cannot compile the host path: "auto" then takes the ops path,
         which shares the slot variables (offloaded state has none)."""
         optimizer = self.optimizer

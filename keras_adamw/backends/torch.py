@@ -44,7 +44,7 @@ class HostPath:
         self.optimizer = optimizer
         self.staging = StagingBuffers()
 
-    def falls_back_to_ops(self) -> bool:
+    def falls_back_to_ops(self, grads: list[Any]) -> bool:
         return False
 
     def ops_update_step(
@@ -85,22 +85,24 @@ class HostPath:
                 torch._foreach_mul_(m, optimizer.beta_1)
                 torch._foreach_add_(m, g, alpha=1 - optimizer.beta_1)
                 torch._foreach_mul_(v, optimizer.beta_2)
-                torch._foreach_add_(v, torch._foreach_mul(g, g), alpha=1 - optimizer.beta_2)
+                torch._foreach_addcmul_(v, g, g, value=1 - optimizer.beta_2)
                 if velocity_hats is not None:
                     v_hat = [velocity_hats[k].value for k in positions]
                     torch._foreach_maximum_(v_hat, v)
                     v = v_hat
+                # In place where Keras's torch AdamW makes a new list of tensors:
+                # two temporary lists instead of five, so fewer fresh pages.
+                denominator = torch._foreach_sqrt(v)
                 if optimizer.epsilon_mode == "keras":
                     alpha = group_lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-                    denominator = torch._foreach_add(torch._foreach_sqrt(v), optimizer.epsilon)
                 else:
                     alpha = group_lr / (1 - beta_1_power)
-                    denominator = torch._foreach_div(
-                        torch._foreach_sqrt(v), ops.sqrt(1 - beta_2_power)
-                    )
-                    torch._foreach_add_(denominator, optimizer.epsilon)
-                step = torch._foreach_div(torch._foreach_mul(m, alpha), denominator)
-                torch._foreach_add_(p, step, alpha=-1)
+                    torch._foreach_div_(denominator, ops.sqrt(1 - beta_2_power))
+                torch._foreach_add_(denominator, optimizer.epsilon)
+                step = torch._foreach_mul(m, alpha)
+                torch._foreach_div_(step, denominator)
+                del denominator
+                torch._foreach_sub_(p, step)
         return True
 
     def update_step(

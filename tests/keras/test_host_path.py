@@ -134,6 +134,43 @@ def test_jax_train_steps_update_the_donated_buffers_in_place(kwargs):
     assert [line for line in compiled.splitlines() if " copy(" in line and "f32[" in line] == []
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX: whether the caller donates the state")
+def test_jax_auto_runs_the_kernel_under_keras_trainer_and_ops_in_other_jitted_steps(
+    monkeypatch,
+):
+    """Keras's trainer donates its state, so "auto" runs the custom call
+    there; a jitted custom loop may not donate (and then the aliased custom
+    call would copy every buffer first), so "auto" takes the ops path there,
+    and "host" asks for the kernel."""
+    import jax
+
+    from keras_adamw.backends import jax as module
+
+    kernel_traces = []
+    adamw_update = module.xla.adamw_update
+    monkeypatch.setattr(
+        module.xla,
+        "adamw_update",
+        lambda *args, **kwargs: kernel_traces.append(1) or adamw_update(*args, **kwargs),
+    )
+    fit(AdamW(), steps=2)
+    assert kernel_traces, "fit with auto did not run the kernel"
+
+    def custom_call_in_jitted_step(optimizer):
+        model = make_model()
+        variables = model.trainable_variables
+        optimizer.build(variables)
+        state = [v.value for v in optimizer.variables]
+        grads = [np.ones(v.shape, "float32") for v in variables]
+        step = jax.jit(optimizer.stateless_apply)
+        hlo = step.lower(state, grads, [v.value for v in variables]).as_text()
+        return "keras_adamw_adamw_update" in hlo
+
+    assert not custom_call_in_jitted_step(AdamW())
+    assert custom_call_in_jitted_step(AdamW(implementation="host"))
+    assert custom_call_in_jitted_step(AdamW(offload_state=True)) is False  # a host callback
+
+
 def test_offloaded_state_is_not_a_keras_variable_yet_is_saved_exactly(tmp_path):
     x, y = make_data(400)
     kwargs = dict(amsgrad=True, offload_state=True, learning_rate=3e-3)
