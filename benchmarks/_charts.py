@@ -42,7 +42,7 @@ def bar_chart(panels, path, title, xlabel):
         for i, rate in enumerate(ceiling):
             label = "ceiling (in-place loop)" if i == 0 else None
             ax.hlines(rate, i - 0.45, i + 0.45, colors="black", linestyles="dashed", label=label)
-        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set(title=panel_title, xlabel=xlabel, ylabel="Gparam/s")
         ax.legend(fontsize="x-small")
     figure.suptitle(f"{title} (Gparam/s, higher is faster); {cpu_name()}")
