@@ -10,11 +10,13 @@ __all__ = [
     "check_hyperparameters",
     "num_threads",
     "read_modify_write",
+    "register_host_state",
     "register_tensorflow_op",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
     "supported_simd_levels",
+    "unregister_host_state",
     "xla_ffi_handler",
 ]
 
@@ -52,6 +54,12 @@ def simd_level() -> str: ...
 def xla_ffi_handler() -> Any:
     """The update as an XLA FFI handler (a PyCapsule) for jax.ffi.register_ffi_target."""
 
+def register_host_state(
+    exp_avgs: list[Any], exp_avg_sqs: list[Any], amsgrad_max: list[Any] | None = None
+) -> int:
+    """Registers host arrays as state the XLA handler updates by reference; returns its id."""
+
+def unregister_host_state(id: int) -> None: ...
 def supported_simd_levels() -> list[str]: ...
 def set_simd_level(level: str) -> None: ...
 def num_threads() -> int: ...

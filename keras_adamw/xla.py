@@ -8,6 +8,14 @@ copies; otherwise XLA copies the operands into fresh results first.
     params, exp_avgs, exp_avg_sqs, _ = xla.adamw_update(
         step, learning_rate, weight_decay, params, grads, exp_avgs, exp_avg_sqs)
 
+Offloaded state (`HostState`): m and v (and v̂) stay NumPy arrays that the
+step updates in place by reference, so only the parameters and gradients
+are operands, with no copies in or out:
+
+    state = xla.HostState(exp_avgs, exp_avg_sqs)
+    params = xla.adamw_update_host_state(step, learning_rate, weight_decay,
+                                         params, grads, state)
+
 CPU only: the buffers must live in host memory. Imports JAX on first use, not
 before.
 """
@@ -15,6 +23,7 @@ before.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,36 +71,116 @@ def adamw_update(
     A bad argument raises ``ValueError`` at trace time when its shape or dtype
     shows it, and when the step runs otherwise, before anything is written.
     """
-    import jax
-    import jax.numpy as jnp
-
     written = [list(params), list(exp_avgs), list(exp_avg_sqs)]
     if amsgrad_max is not None:
         written.append(list(amsgrad_max))
-    grads = list(grads)
     names = ["params", "exp_avgs", "exp_avg_sqs", "amsgrad_max"]
-    _check_lists(dict(zip(names, written, strict=False)) | {"grads": grads})
-    n = len(written[0])
-    # Operands: the three scalars, params, grads, then the state lists; each
-    # result is aliased to its operand.
-    operands = written[0] + grads + [x for state in written[1:] for x in state]
-    results = [x for state in written for x in state]
-    aliases = {3 + (k if k < n else k + n): k for k in range(len(results))}
-    attributes = dict(
-        beta_1=np.float64(beta_1),
-        beta_2=np.float64(beta_2),
-        epsilon=np.float64(epsilon),
+    _check_lists(dict(zip(names, written, strict=False)) | {"grads": list(grads)})
+    options = dict(
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
         epsilon_mode=epsilon_mode,
         weight_decay_mode=weight_decay_mode,
+        decay_form=decay_form,
         maximize=bool(maximize),
         amsgrad=amsgrad_max is not None,
     )
-    if decay_form is not None:
-        attributes["decay_form"] = decay_form
-    new = jax.ffi.ffi_call(
+    new = _call(step, learning_rate, weight_decay, written, list(grads), options)
+    n = len(written[0])
+    lists = [list(new[k * n : (k + 1) * n]) for k in range(len(written))]
+    return lists[0], lists[1], lists[2], lists[3] if amsgrad_max is not None else None
+
+
+class HostState:
+    """Optimizer state in host memory that `adamw_update_host_state` updates
+    in place by reference: lists of float32 NumPy arrays (C-contiguous,
+    aligned, writable), registered with the kernel while this object lives.
+    A compiled step names the state by its id, so the arrays are never
+    copied in or out; a step run after the object is freed raises."""
+
+    def __init__(
+        self,
+        exp_avgs: Sequence[Any],
+        exp_avg_sqs: Sequence[Any],
+        amsgrad_max: Sequence[Any] | None = None,
+    ) -> None:
+        lists = [list(exp_avgs), list(exp_avg_sqs)]
+        lists += [list(amsgrad_max)] if amsgrad_max is not None else []
+        self.id = _core.register_host_state(*lists)
+        self.shapes = [np.shape(x) for x in lists[0]]
+        self.amsgrad = amsgrad_max is not None
+        weakref.finalize(self, _core.unregister_host_state, self.id)
+
+
+def adamw_update_host_state(
+    step: Any,
+    learning_rate: Any,
+    weight_decay: Any,
+    params: Sequence[Any],
+    grads: Sequence[Any],
+    state: HostState,
+    *,
+    beta_1: float = 0.9,
+    beta_2: float = 0.999,
+    epsilon: float = 1e-7,
+    epsilon_mode: str = "keras",
+    weight_decay_mode: str = "coupled",
+    decay_form: str | None = None,
+    maximize: bool = False,
+) -> list[Any]:
+    """`adamw_update` with the state in `state`'s host arrays, updated in
+    place when the step runs; returns the new params. The call has a side
+    effect, so XLA neither drops nor merges it; inside `jax.lax.cond` it runs
+    only where its branch is taken."""
+    params, grads = list(params), list(grads)
+    _check_lists({"params": params, "grads": grads})
+    shapes = [tuple(np.shape(p)) for p in params]
+    if shapes != [tuple(s) for s in state.shapes]:
+        raise ValueError(f"params have shapes {shapes} where state holds {state.shapes}")
+    options = dict(
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
+        epsilon_mode=epsilon_mode,
+        weight_decay_mode=weight_decay_mode,
+        decay_form=decay_form,
+        maximize=bool(maximize),
+        amsgrad=state.amsgrad,
+        host_state=state.id,
+    )
+    return list(_call(step, learning_rate, weight_decay, [params], grads, options))
+
+
+def _call(
+    step: Any,
+    learning_rate: Any,
+    weight_decay: Any,
+    written: list[list[Any]],
+    grads: list[Any],
+    options: dict[str, Any],
+) -> Any:
+    """The custom call: operands the three scalars, params, grads, then the
+    other written lists; each result aliased to its operand."""
+    import jax
+    import jax.numpy as jnp
+
+    n = len(written[0])
+    operands = written[0] + grads + [x for state in written[1:] for x in state]
+    results = [x for state in written for x in state]
+    aliases = {3 + (k if k < n else k + n): k for k in range(len(results))}
+    attributes = {
+        name: np.float64(value) if name in ("beta_1", "beta_2", "epsilon") else value
+        for name, value in options.items()
+        if value is not None
+    }
+    if "host_state" in attributes:
+        attributes["host_state"] = np.int64(attributes["host_state"])
+    return jax.ffi.ffi_call(
         register(),
         [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in results],  # type: ignore[no-untyped-call]
         input_output_aliases=aliases,
+        has_side_effect="host_state" in attributes,
     )(
         jnp.asarray(step),
         jnp.asarray(learning_rate, jnp.float32),
@@ -99,8 +188,6 @@ def adamw_update(
         *operands,
         **attributes,
     )
-    lists = [list(new[k * n : (k + 1) * n]) for k in range(len(written))]
-    return lists[0], lists[1], lists[2], lists[3] if amsgrad_max is not None else None
 
 
 def _check_lists(lists: dict[str, Any]) -> None:

@@ -9,10 +9,12 @@
 //!   ceiling the benchmark measures against;
 //! - `xla_ffi`, `tensorflow_op`: the update as an XLA FFI handler and as a
 //!   TensorFlow op, both through stable C APIs;
+//! - `host_state`: offloaded state that the XLA handler updates by reference;
 //! - `python` (feature `python`): the PyO3 bindings, `keras_adamw._core`.
 
 pub mod aliasing;
 pub mod bandwidth;
+pub mod host_state;
 pub mod in_flight;
 pub mod math;
 pub mod parallel;

@@ -4,7 +4,7 @@
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
-use crate::{bandwidth, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
+use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
@@ -472,6 +472,43 @@ fn xla_ffi_handler(py: Python<'_>) -> PyResult<Bound<'_, PyCapsule>> {
     unsafe { PyCapsule::new_with_pointer(py, pointer, c"keras_adamw._core.xla_ffi_handler") }
 }
 
+/// Registers float32 host arrays as state that the XLA handler updates by
+/// reference (`keras_adamw.xla.HostState`); returns its id.
+#[pyfunction]
+#[pyo3(signature = (exp_avgs, exp_avg_sqs, amsgrad_max=None))]
+fn register_host_state<'py>(
+    exp_avgs: Objects<'py>,
+    exp_avg_sqs: Objects<'py>,
+    amsgrad_max: Option<Objects<'py>>,
+) -> PyResult<u64> {
+    let mut lists = vec![
+        ArrayList::new("exp_avgs", &exp_avgs, true)?,
+        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true)?,
+    ];
+    if let Some(objects) = amsgrad_max {
+        lists.push(ArrayList::new("amsgrad_max", &objects, true)?);
+    }
+    let buffers = lists
+        .iter()
+        .map(|list| {
+            let buffers = list.arrays.iter().map(|a| (a.data() as usize, a.len()));
+            buffers.collect()
+        })
+        .collect();
+    let owner: Vec<Py<PyArrayDyn<f32>>> = lists
+        .into_iter()
+        .flat_map(|list| list.arrays)
+        .map(Bound::unbind)
+        .collect();
+    Ok(host_state::register(buffers, Box::new(owner)))
+}
+
+/// Unregisters a `register_host_state` id; a step running on it keeps its buffers until it ends.
+#[pyfunction]
+fn unregister_host_state(id: u64) {
+    drop(host_state::unregister(id));
+}
+
 /// The SIMD level the kernel runs at now.
 #[pyfunction]
 fn simd_level() -> PyResult<&'static str> {
@@ -530,6 +567,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(xla_ffi_handler, m)?)?;
+    m.add_function(wrap_pyfunction!(register_host_state, m)?)?;
+    m.add_function(wrap_pyfunction!(unregister_host_state, m)?)?;
     m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

@@ -16,7 +16,7 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
-use crate::{in_flight, parallel, simd, TensorSlices};
+use crate::{host_state, in_flight, parallel, simd, TensorSlices};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::mem::{offset_of, size_of};
 
@@ -488,15 +488,50 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
     } else {
         3
     };
-    let n = results / lists;
-    if n == 0 || results != n * lists || operands != SCALAR_OPERANDS + n * (lists + 1) {
+    // With `host_state`, the state lists are registered host buffers, not operands.
+    let host_state = match attrs.iter().any(|(name, _)| name == "host_state") {
+        false => None,
+        true => {
+            let id = number(&attrs, "host_state")?;
+            let state = host_state::lookup(id as u64)
+                .filter(|_| id >= 0.0 && id.fract() == 0.0)
+                .ok_or_else(|| {
+                    invalid(
+                        "host_state",
+                        format!("{id} is not registered (its HostState was freed)"),
+                    )
+                })?;
+            if state.lists.len() != lists - 1 {
+                return Err(invalid(
+                    "host_state",
+                    format!(
+                        "has {} state lists where amsgrad={} needs {}",
+                        state.lists.len(),
+                        lists == 4,
+                        lists - 1
+                    ),
+                ));
+            }
+            Some(state)
+        }
+    };
+    let (operand_lists, result_lists) = match host_state {
+        Some(_) => (2, 1),
+        None => (lists + 1, lists),
+    };
+    let n = results / result_lists;
+    if n == 0 || results != n * result_lists || operands != SCALAR_OPERANDS + n * operand_lists {
         return Err(invalid(
             "operands",
             format!(
-                "must be 3 scalars then n buffers each of params, grads, exp_avgs, \
-                 exp_avg_sqs{}, and the results n buffers of each written list; \
-                 got {operands} operands and {results} results",
-                if lists == 4 { ", amsgrad_max" } else { "" }
+                "must be 3 scalars then n buffers each of params, grads{}, and the \
+                 results n buffers of each written list; got {operands} operands \
+                 and {results} results",
+                match (&host_state, lists) {
+                    (Some(_), _) => "",
+                    (None, 4) => ", exp_avgs, exp_avg_sqs, amsgrad_max",
+                    (None, _) => ", exp_avgs, exp_avg_sqs",
+                }
             ),
         ));
     }
@@ -524,6 +559,27 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         }
         for (list, name) in WRITTEN_LISTS[..lists].iter().enumerate() {
             let label = format!("{name}[{i}]");
+            if let (Some(state), true) = (&host_state, list > 0) {
+                let (address, len) = state.lists[list - 1].get(i).copied().unwrap_or((0, 0));
+                let buffers = state.lists[list - 1].len();
+                if buffers != n || len != params.len {
+                    return Err(invalid(
+                        format!("host_state's {label}"),
+                        format!(
+                            "holds {len} floats in a list of {buffers} where params[{i}] \
+                             holds {} in a list of {n}",
+                            params.len
+                        ),
+                    ));
+                }
+                let held = || Tensor {
+                    data: address as *mut f32,
+                    dims: params.dims.clone(),
+                    len,
+                };
+                written[list].push((held(), held()));
+                continue;
+            }
             let operand = if list == 0 {
                 operand_index(0, i)
             } else {

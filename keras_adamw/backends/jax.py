@@ -4,6 +4,7 @@ as Keras's trainer does); with offloaded state, an ordered host callback."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,23 @@ def traced_by_keras_trainer() -> bool:
     return False
 
 
+def state_by_reference() -> bool:
+    """Whether the custom call can reach offloaded state by reference: JAX
+    runs on the CPU, so Keras placed the variables there."""
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def applies_now(optimizer: AdamW) -> Any:
+    """Whether this step applies the update: JAX computes it on every step and
+    discards it between gradient accumulation boundaries."""
+    accumulation = optimizer.gradient_accumulation_steps
+    if not accumulation:
+        return ops.convert_to_tensor(True)
+    return ops.equal((optimizer._iterations + 1) % accumulation, 0)
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
         return gradient.todense()
@@ -52,6 +70,7 @@ def dense(gradient: Any) -> Any:
 class HostPath:
     def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
+        self.host_states: dict[tuple[int, ...], xla.HostState] = {}
 
     def falls_back_to_ops(self, grads: list[Any]) -> bool:
         """ "auto" in a jitted step that Keras's trainer did not make: the
@@ -112,16 +131,67 @@ class HostPath:
     def offloaded_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
     ) -> None:
-        """The state stays in host arrays that an ordered callback updates:
-        only the parameters and gradients cross, as in ZeRO-Offload."""
+        """The state stays in host arrays. On CPU the custom call updates them
+        by reference (`xla.HostState`), in place and without copies; on an
+        accelerator an ordered host callback does, and only the parameters and
+        gradients cross, as in ZeRO-Offload."""
+        if state_by_reference():
+            self.host_state_update_step(grads, variables, learning_rate, indices)
+        else:
+            self.callback_update_step(grads, variables, learning_rate, indices)
+
+    def host_state_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
+        import jax
+
+        optimizer = self.optimizer
+        step = ops.convert_to_tensor(optimizer.iterations + 1)
+        lr = ops.cast(learning_rate, "float32")
+        wd = ops.cast(optimizer.weight_decay, "float32")
+        slots = optimizer._slots(indices)
+        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+            group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
+            state = self.host_state(positions, indices, slots)
+            update = functools.partial(
+                xla.adamw_update_host_state,
+                step,
+                group_lr,
+                decay,
+                state=state,
+                beta_1=optimizer.beta_1,
+                beta_2=optimizer.beta_2,
+                epsilon=optimizer.epsilon,
+                **optimizer._kernel_options(),
+            )
+            params = [variables[k].value for k in positions]
+            group_grads = [ops.cast(grads[k], "float32") for k in positions]
+            # JAX computes the update on every step and discards it between
+            # accumulation boundaries; host state must not see those steps.
+            keep = lambda params, grads: list(params)  # noqa: E731
+            new_params = jax.lax.cond(applies_now(optimizer), update, keep, params, group_grads)
+            for k, value in zip(positions, new_params, strict=True):
+                variables[k].assign(value)
+
+    def host_state(self, positions: list[int], indices: list[int], slots: Any) -> xla.HostState:
+        """The registered host state of these variables' slots, made once."""
+        key = tuple(indices[k] for k in positions)
+        if key not in self.host_states:
+            momenta, velocities, velocity_hats = (
+                None if slot is None else [slot[k] for k in positions] for slot in slots
+            )
+            assert momenta is not None and velocities is not None
+            self.host_states[key] = xla.HostState(momenta, velocities, velocity_hats)
+        return self.host_states[key]
+
+    def callback_update_step(
+        self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
+    ) -> None:
         import jax
         from jax.experimental import io_callback
 
         optimizer = self.optimizer
-        # JAX computes the update on every step and discards it between
-        # accumulation boundaries; host state must not see those steps.
-        accumulation = optimizer.gradient_accumulation_steps
-        applies = (optimizer._iterations + 1) % accumulation == 0 if accumulation else True
+        applies = applies_now(optimizer)
 
         def offloaded(
             applies: Any, step: Any, lr: Any, wd: Any, params: list[Any], grads: list[Any]
@@ -140,7 +210,7 @@ class HostPath:
         new_params = io_callback(
             offloaded,
             [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],  # type: ignore[no-untyped-call]
-            ops.convert_to_tensor(applies),
+            applies,
             *map(ops.convert_to_tensor, scalars),
             params,
             grads,

@@ -192,3 +192,65 @@ def test_a_buffer_of_another_dtype_is_named_in_the_error():
                 amsgrad=False,
             )
         )
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_host_state_is_updated_by_reference_bitwise_like_the_host_kernel(amsgrad):
+    """Offloaded state: m and v (and v̂) stay NumPy arrays that the custom call
+    updates in place; the compiled step copies nothing."""
+    a = arrays(4)
+    expected = {k: [x.copy() for x in v] for k, v in a.items()}
+    if not amsgrad:
+        a["amsgrad_max"] = expected["amsgrad_max"] = None
+    state = xla.HostState(a["exp_avgs"], a["exp_avg_sqs"], a["amsgrad_max"])
+
+    def step(t, params, grads):
+        return xla.adamw_update_host_state(t, 1e-2, 0.05, params, grads, state, epsilon=1e-6)
+
+    run = jax.jit(step, donate_argnums=1)
+    params = [jnp.asarray(x) for x in a["params"]]
+    grads = [jnp.asarray(x) for x in a["grads"]]
+    compiled = run.lower(1, params, grads).compile().as_text()
+    copies = [line for line in compiled.splitlines() if " copy(" in line]
+    assert [line for line in copies if "f32[0," not in line] == []  # empty ones cost nothing
+    for t in range(1, 4):
+        params = run(t, params, grads)
+        host.adamw_update(
+            **expected,
+            step=t,
+            learning_rate=float(np.float32(1e-2)),
+            weight_decay=float(np.float32(0.05)),  # as the custom call takes it
+            epsilon=1e-6,
+        )
+    for name in ["exp_avgs", "exp_avg_sqs"] + (["amsgrad_max"] if amsgrad else []):
+        for got, want in zip(a[name], expected[name], strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    for got, want in zip(params, expected["params"], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_host_state_refuses_what_does_not_fit_and_a_freed_state():
+    a = arrays(5)
+    params = [jnp.asarray(x) for x in a["params"]]
+    grads = [jnp.asarray(x) for x in a["grads"]]
+    held = {"state": xla.HostState(a["exp_avgs"], a["exp_avg_sqs"])}
+    with pytest.raises(ValueError, match="params have shapes"):
+        xla.adamw_update_host_state(1, 1e-3, 0.0, params[:2], grads[:2], held["state"])
+    with pytest.raises(TypeError, match=r"exp_avgs\[0\] must have dtype float32"):
+        xla.HostState([np.zeros(3, np.float64)], [np.zeros(3, np.float32)])
+    read_only = np.zeros(3, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] is read-only"):
+        xla.HostState([np.zeros(3, np.float32)], [read_only])
+
+    step = lambda p, g: xla.adamw_update_host_state(1, 1e-3, 0.0, p, g, held["state"])  # noqa: E731
+    compiled = jax.jit(step).lower(params, grads).compile()  # while the state lives
+    before = [x.copy() for x in a["exp_avgs"]]
+    held.clear()
+    import gc
+
+    gc.collect()
+    with pytest.raises(Exception, match=r"host_state \d+ is not registered"):
+        jax.block_until_ready(compiled(params, grads))
+    for got, want in zip(a["exp_avgs"], before, strict=True):
+        np.testing.assert_array_equal(got, want)
