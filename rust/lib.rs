@@ -1,8 +1,10 @@
 //! keras_adamw's host kernel: the AdamW update in place on host memory, in one
 //! pass, with SIMD chosen at run time and many tensors in one parallel dispatch.
 //!
-//! - `math`: hyperparameters, step constants, the scalar reference update;
-//! - `simd`: the vector variants and the run-time choice between them;
+//! - `math`: hyperparameters, step constants, and the element update, written
+//!   once over `simd::Lanes` (on `f32`, the scalar reference);
+//! - `simd`: the `Lanes` trait, each instruction set's vector, the loop over
+//!   slices, and the run-time choice between them;
 //! - `parallel`: the thread pool and the split of a step's work across it;
 //! - `in_flight`: the memory of the updates running now; overlapping calls wait;
 //! - `bandwidth`: a plain in-place loop with the kernel's memory traffic, the

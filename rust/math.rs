@@ -1,7 +1,8 @@
 //! The AdamW update: hyperparameters, the per-step constants derived from them,
-//! and the scalar reference of the element update that every SIMD variant must
-//! reproduce bit for bit.
+//! and the element update, written once over `simd::Lanes`: on `f32` it is the
+//! scalar reference that every SIMD level reproduces bit for bit.
 
+use crate::simd::Lanes;
 use std::fmt;
 
 /// Where epsilon enters the denominator.
@@ -144,24 +145,41 @@ impl Default for Hyperparams {
 }
 
 /// The per-step scalars the element update needs, computed once per call in
-/// float64 (never as a running product, which drifts) and rounded to float32.
+/// float64 (never as a running product, which drifts) and rounded to float32;
+/// `StepConstants<V>` holds them splatted into vectors `V`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepConstants {
+pub struct StepConstants<T = f32> {
     /// Gradients are multiplied by this: ±1/grad_scale (exactly ±1 without a scale).
-    pub grad_multiplier: f32,
-    pub one_minus_beta_1: f32,
-    pub one_minus_beta_2: f32,
+    pub grad_multiplier: T,
+    pub one_minus_beta_1: T,
+    pub one_minus_beta_2: T,
     /// The decay before the Adam step is `p ← p·decay_scale + p·decay_delta`,
     /// which is `p·(1-rate)` rounded as `DecayForm` says: multiplying by the
     /// float32 factor (scale `1-rate`, delta 0), or subtracting `p·rate`
     /// (scale 1, delta `-rate`), which keeps the factor's rounding from
     /// biasing every step the same way.
-    pub decay_scale: f32,
-    pub decay_delta: f32,
+    pub decay_scale: T,
+    pub decay_delta: T,
     /// `lr·√(1-β₂ᵗ)/(1-β₁ᵗ)`, with the sign of a descent step folded in.
-    pub neg_step_size: f32,
+    pub neg_step_size: T,
     /// ε as it is added to √v (not √v̂): both epsilon modes share one kernel.
-    pub epsilon: f32,
+    pub epsilon: T,
+}
+
+impl StepConstants {
+    /// The constants in every lane of `V`.
+    #[inline(always)]
+    pub fn splat<V: Lanes>(&self) -> StepConstants<V> {
+        StepConstants {
+            grad_multiplier: V::splat(self.grad_multiplier),
+            one_minus_beta_1: V::splat(self.one_minus_beta_1),
+            one_minus_beta_2: V::splat(self.one_minus_beta_2),
+            decay_scale: V::splat(self.decay_scale),
+            decay_delta: V::splat(self.decay_delta),
+            neg_step_size: V::splat(self.neg_step_size),
+            epsilon: V::splat(self.epsilon),
+        }
+    }
 }
 
 fn check(
@@ -274,62 +292,31 @@ impl Hyperparams {
     }
 }
 
-/// One element of the update; the reference every SIMD variant reproduces.
-///
-/// The same operations in the same order as the vector code, with fused
-/// multiply-adds where it uses them, so the results are bitwise identical.
+/// The update of one lane of `V` per element: the only statement of the
+/// arithmetic. With `V = f32` it is the scalar reference; every SIMD level
+/// runs these operations in this order (fused multiply-adds where written),
+/// so its results are bitwise those of the reference.
 /// Returns `(p, m, v, v_max)`; `v_max` is `v` when AMSGrad is off.
 #[inline(always)]
-pub fn update_element(
-    p: f32,
-    g: f32,
-    m: f32,
-    v: f32,
-    v_max: Option<f32>,
-    c: &StepConstants,
-) -> [f32; 4] {
+pub fn update_element<V: Lanes>(
+    p: V,
+    g: V,
+    m: V,
+    v: V,
+    v_max: Option<V>,
+    c: &StepConstants<V>,
+) -> [V; 4] {
     let g = g * c.grad_multiplier;
     let m = (g - m).mul_add(c.one_minus_beta_1, m);
     let v = (g * g - v).mul_add(c.one_minus_beta_2, v);
-    // `>` then select, as x86's max instructions do (NaN picks `v`), not `f32::max`.
     let v_hat = match v_max {
-        Some(v_max) if v_max > v => v_max,
-        _ => v,
+        Some(v_max) => v_max.greater_or(v),
+        None => v,
     };
     let denominator = v_hat.sqrt() + c.epsilon;
     let p = p.mul_add(c.decay_delta, p * c.decay_scale);
     let p = c.neg_step_size.mul_add(m / denominator, p);
     [p, m, v, v_hat]
-}
-
-/// The scalar reference over whole slices (also the tail of the SIMD variants).
-#[inline(always)]
-pub fn update_scalar(t: crate::TensorSlices<'_>, c: &StepConstants) {
-    let crate::TensorSlices {
-        params,
-        grads,
-        exp_avg,
-        exp_avg_sq,
-        max_exp_avg_sq,
-    } = t;
-    match max_exp_avg_sq {
-        None => {
-            for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
-                [*p, *m, *v, _] = update_element(*p, g, *m, *v, None, c);
-            }
-        }
-        Some(max_v) => {
-            let lanes = params
-                .iter_mut()
-                .zip(grads)
-                .zip(exp_avg)
-                .zip(exp_avg_sq)
-                .zip(max_v);
-            for ((((p, &g), m), v), max_v) in lanes {
-                [*p, *m, *v, *max_v] = update_element(*p, g, *m, *v, Some(*max_v), c);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,58 +1,60 @@
-//! AVX-512F: 16 lanes; the same operations as `math::update_element`.
+//! AVX-512F: 16 lanes.
 
-use crate::math::{update_scalar, StepConstants};
+use super::{update_with, vector_arithmetic, Lanes};
+use crate::math::StepConstants;
 use crate::TensorSlices;
 use std::arch::x86_64::*;
-
-const LANES: usize = 16;
 
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn update(t: TensorSlices<'_>, c: &StepConstants) {
-    let n = t.params.len();
-    let body = n - n % LANES;
-    let (head, tail) = t.split_at(body);
-    let TensorSlices {
-        params,
-        grads,
-        exp_avg,
-        exp_avg_sq,
-        mut max_exp_avg_sq,
-    } = head;
+    update_with::<Avx512>(t, c);
+}
 
-    let grad_multiplier = _mm512_set1_ps(c.grad_multiplier);
-    let one_minus_beta_1 = _mm512_set1_ps(c.one_minus_beta_1);
-    let one_minus_beta_2 = _mm512_set1_ps(c.one_minus_beta_2);
-    let decay_scale = _mm512_set1_ps(c.decay_scale);
-    let decay_delta = _mm512_set1_ps(c.decay_delta);
-    let neg_step_size = _mm512_set1_ps(c.neg_step_size);
-    let epsilon = _mm512_set1_ps(c.epsilon);
+/// Made only inside `update`, so on a CPU with AVX-512F.
+#[derive(Clone, Copy)]
+struct Avx512(__m512);
 
-    for i in (0..body).step_by(LANES) {
-        // SAFETY: i + LANES <= body <= the length of every slice (checked equal by split_at).
-        unsafe {
-            let p = _mm512_loadu_ps(params.as_ptr().add(i));
-            let g = _mm512_mul_ps(_mm512_loadu_ps(grads.as_ptr().add(i)), grad_multiplier);
-            let m = _mm512_loadu_ps(exp_avg.as_ptr().add(i));
-            let v = _mm512_loadu_ps(exp_avg_sq.as_ptr().add(i));
-            let m = _mm512_fmadd_ps(_mm512_sub_ps(g, m), one_minus_beta_1, m);
-            let v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_mul_ps(g, g), v), one_minus_beta_2, v);
-            let v_hat = match max_exp_avg_sq.as_deref_mut() {
-                None => v,
-                Some(max_v) => {
-                    let v_hat = _mm512_max_ps(_mm512_loadu_ps(max_v.as_ptr().add(i)), v);
-                    _mm512_storeu_ps(max_v.as_mut_ptr().add(i), v_hat);
-                    v_hat
-                }
-            };
-            let denominator = _mm512_add_ps(_mm512_sqrt_ps(v_hat), epsilon);
-            let p = _mm512_fmadd_ps(p, decay_delta, _mm512_mul_ps(p, decay_scale));
-            let p = _mm512_fmadd_ps(neg_step_size, _mm512_div_ps(m, denominator), p);
-            _mm512_storeu_ps(params.as_mut_ptr().add(i), p);
-            _mm512_storeu_ps(exp_avg.as_mut_ptr().add(i), m);
-            _mm512_storeu_ps(exp_avg_sq.as_mut_ptr().add(i), v);
-        }
+vector_arithmetic!(
+    Avx512,
+    _mm512_add_ps,
+    _mm512_sub_ps,
+    _mm512_mul_ps,
+    _mm512_div_ps
+);
+
+// SAFETY (every block below): a value of this type exists only inside `update`.
+impl Lanes for Avx512 {
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Self(unsafe { _mm512_set1_ps(x) })
     }
-    update_scalar(tail, c);
+
+    #[inline(always)]
+    unsafe fn load(from: *const f32) -> Self {
+        Self(unsafe { _mm512_loadu_ps(from) })
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, to: *mut f32) {
+        unsafe { _mm512_storeu_ps(to, self.0) }
+    }
+
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        Self(unsafe { _mm512_fmadd_ps(self.0, a.0, b.0) })
+    }
+
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        Self(unsafe { _mm512_sqrt_ps(self.0) })
+    }
+
+    #[inline(always)]
+    fn greater_or(self, other: Self) -> Self {
+        Self(unsafe { _mm512_max_ps(self.0, other.0) }) // `a > b ? a : b`, lane-wise
+    }
 }
