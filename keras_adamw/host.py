@@ -21,6 +21,7 @@ and any split of the data into tensors.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from keras_adamw._checks import flag
 
 __all__ = [
     "HostAdamW",
+    "HostState",
     "adamw_update",
     "num_threads",
     "set_num_threads",
@@ -298,3 +300,25 @@ def _check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
     """The kernel's own checks, for a clear error before a step is attempted."""
     complete = {"step": 1, "grad_scale": None, **hyperparameters}
     _core.check_hyperparameters(cast("_core.Hyperparameters", complete))
+
+
+class HostState:
+    """Optimizer state in host memory that a compiled step updates in place by
+    reference (`keras_adamw.xla.adamw_update_host_state`, and the TensorFlow
+    op of offloaded state): lists of float32 NumPy arrays (C-contiguous,
+    aligned, writable), registered with the kernel while this object lives.
+    The step names the state by its id, so the arrays are never copied in or
+    out; a step run after the object is freed raises."""
+
+    def __init__(
+        self,
+        exp_avgs: Sequence[Any],
+        exp_avg_sqs: Sequence[Any],
+        amsgrad_max: Sequence[Any] | None = None,
+    ) -> None:
+        lists = [list(exp_avgs), list(exp_avg_sqs)]
+        lists += [list(amsgrad_max)] if amsgrad_max is not None else []
+        self.id = _core.register_host_state(*lists)
+        self.shapes = [np.shape(x) for x in lists[0]]
+        self.amsgrad = amsgrad_max is not None
+        weakref.finalize(self, _core.unregister_host_state, self.id)

@@ -23,13 +23,15 @@ before.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from keras_adamw import _core
+from keras_adamw.host import HostState
+
+__all__ = ["HostState", "adamw_update", "adamw_update_host_state", "register"]
 
 TARGET = "keras_adamw_adamw_update"
 
@@ -90,27 +92,6 @@ def adamw_update(
     n = len(written[0])
     lists = [list(new[k * n : (k + 1) * n]) for k in range(len(written))]
     return lists[0], lists[1], lists[2], lists[3] if amsgrad_max is not None else None
-
-
-class HostState:
-    """Optimizer state in host memory that `adamw_update_host_state` updates
-    in place by reference: lists of float32 NumPy arrays (C-contiguous,
-    aligned, writable), registered with the kernel while this object lives.
-    A compiled step names the state by its id, so the arrays are never
-    copied in or out; a step run after the object is freed raises."""
-
-    def __init__(
-        self,
-        exp_avgs: Sequence[Any],
-        exp_avg_sqs: Sequence[Any],
-        amsgrad_max: Sequence[Any] | None = None,
-    ) -> None:
-        lists = [list(exp_avgs), list(exp_avg_sqs)]
-        lists += [list(amsgrad_max)] if amsgrad_max is not None else []
-        self.id = _core.register_host_state(*lists)
-        self.shapes = [np.shape(x) for x in lists[0]]
-        self.amsgrad = amsgrad_max is not None
-        weakref.finalize(self, _core.unregister_host_state, self.id)
 
 
 def adamw_update_host_state(

@@ -120,12 +120,13 @@ impl<'a> TensorSlices<'a> {
 
 /// The current values an out-of-place step reads: the written slices of the
 /// `TensorSlices` it goes with start as copies of these, made chunk by chunk
-/// in the same pass (so the copy costs no extra trip through memory).
+/// in the same pass (so the copy costs no extra trip through memory). A state
+/// list without a source (None) is updated in place.
 #[derive(Debug)]
 pub struct Sources<'a> {
     pub params: &'a [f32],
-    pub exp_avg: &'a [f32],
-    pub exp_avg_sq: &'a [f32],
+    pub exp_avg: Option<&'a [f32]>,
+    pub exp_avg_sq: Option<&'a [f32]>,
     pub max_exp_avg_sq: Option<&'a [f32]>,
 }
 
@@ -133,8 +134,12 @@ impl<'a> Sources<'a> {
     /// Copies the sources into the slices they stand for.
     pub fn copy_into(&self, t: &mut TensorSlices<'_>) {
         t.params.copy_from_slice(self.params);
-        t.exp_avg.copy_from_slice(self.exp_avg);
-        t.exp_avg_sq.copy_from_slice(self.exp_avg_sq);
+        if let Some(from) = self.exp_avg {
+            t.exp_avg.copy_from_slice(from);
+        }
+        if let Some(from) = self.exp_avg_sq {
+            t.exp_avg_sq.copy_from_slice(from);
+        }
         if let (Some(from), Some(to)) = (self.max_exp_avg_sq, t.max_exp_avg_sq.as_deref_mut()) {
             to.copy_from_slice(from);
         }
@@ -142,15 +147,16 @@ impl<'a> Sources<'a> {
 
     pub fn split_at(self, mid: usize) -> (Self, Self) {
         let (p0, p1) = self.params.split_at(mid);
-        let (m0, m1) = self.exp_avg.split_at(mid);
-        let (v0, v1) = self.exp_avg_sq.split_at(mid);
-        let (x0, x1) = match self.max_exp_avg_sq {
+        let split = |x: Option<&'a [f32]>| match x {
             Some(x) => {
                 let (x0, x1) = x.split_at(mid);
                 (Some(x0), Some(x1))
             }
             None => (None, None),
         };
+        let (m0, m1) = split(self.exp_avg);
+        let (v0, v1) = split(self.exp_avg_sq);
+        let (x0, x1) = split(self.max_exp_avg_sq);
         (
             Self {
                 params: p0,

@@ -290,8 +290,8 @@ impl<'py> StepArrays<'py> {
             (0..tensors.len())
                 .map(|i| Sources {
                     params: lists[0][i],
-                    exp_avg: lists[1][i],
-                    exp_avg_sq: lists[2][i],
+                    exp_avg: Some(lists[1][i]),
+                    exp_avg_sq: Some(lists[2][i]),
                     max_exp_avg_sq: lists.get(3).map(|list| list[i]),
                 })
                 .collect()

@@ -20,15 +20,16 @@
 //! `decay_form` and `maximize`. Everything is checked before the first write;
 //! a bad call fails the op with an InvalidArgument error naming the input.
 
-use crate::aliasing::Region;
-use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
+use crate::aliasing::{find_overlap, Region};
+use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
-use crate::{in_flight, parallel, simd, Sources, TensorSlices};
+use crate::{host_state, in_flight, parallel, simd, Sources, TensorSlices};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::size_of;
 use std::sync::{Mutex, OnceLock};
 
 pub const OP_NAME: &str = "KerasAdamwUpdate";
+pub const HOST_STATE_OP_NAME: &str = "KerasAdamwUpdateHostState";
 
 macro_rules! opaque {
     ($($name:ident),*) => { $(#[repr(C)] pub struct $name { _opaque: [u8; 0] })* };
@@ -102,6 +103,9 @@ c_api! {
         fn(*mut OpKernelConstruction, *const c_char, *mut c_char, usize, *mut Status);
     attr_bool = "TF_OpKernelConstruction_GetAttrBool":
         fn(*mut OpKernelConstruction, *const c_char, *mut u8, *mut Status);
+    attr_int64 = "TF_OpKernelConstruction_GetAttrInt64":
+        fn(*mut OpKernelConstruction, *const c_char, *mut i64, *mut Status);
+    set_is_stateful = "TF_OpDefinitionBuilderSetIsStateful": fn(*mut OpDefinitionBuilder, bool);
     construction_failure = "TF_OpKernelConstruction_Failure": fn(*mut OpKernelConstruction, *mut Status);
     num_inputs = "TF_NumInputs": fn(*mut OpKernelContext) -> c_int;
     input = "TF_GetInput": fn(*mut OpKernelContext, c_int, *mut *mut Tensor, *mut Status);
@@ -251,7 +255,62 @@ unsafe fn register_with(api: &'static Api) -> Result<(), String> {
         );
         (api.register_kernel)(name.as_ptr(), kernel, status.raw);
     }
-    status.check(&format!("registering the CPU kernel of {OP_NAME}"))
+    status.check(&format!("registering the CPU kernel of {OP_NAME}"))?;
+    // SAFETY: as above.
+    unsafe { register_host_state_op(api) }
+}
+
+/// `KerasAdamwUpdateHostState`: the same update with the state in host arrays
+/// registered with `host_state` (as the XLA handler takes it), updated in
+/// place. Inputs `params`, `grads`, `step`, `rates`; output `new_params`;
+/// attribute `host_state` (the id) beside the options. Stateful, so TF never
+/// prunes, merges or reorders it.
+///
+/// # Safety
+/// As for `register_with`.
+unsafe fn register_host_state_op(api: &'static Api) -> Result<(), String> {
+    let name = CString::new(HOST_STATE_OP_NAME).expect("no NUL");
+    let status = StatusBox::new(api);
+    // SAFETY: the C API as documented in ops.h; TF_RegisterOpDefinition frees the builder.
+    unsafe {
+        let op = (api.new_op)(name.as_ptr());
+        for input in [
+            c"params: float",
+            c"grads: float",
+            c"step: int64",
+            c"rates: double",
+        ] {
+            (api.add_input)(op, input.as_ptr());
+        }
+        (api.add_output)(op, c"new_params: float".as_ptr());
+        for attr in [
+            c"host_state: int",
+            c"epsilon_mode: string",
+            c"weight_decay_mode: string",
+            c"decay_form: string = ''",
+            c"maximize: bool = false",
+        ] {
+            (api.add_attr)(op, attr.as_ptr());
+        }
+        (api.set_is_stateful)(op, true);
+        (api.set_shape_function)(op, infer_shapes);
+        (api.register_op)(op, status.raw);
+    }
+    status.check(&format!("registering the op {HOST_STATE_OP_NAME}"))?;
+    // SAFETY: the C API as documented in kernels.h; registering takes the builder.
+    unsafe {
+        let kernel = (api.new_kernel)(
+            name.as_ptr(),
+            c"CPU".as_ptr(),
+            create_host_state_kernel,
+            compute,
+            delete_kernel,
+        );
+        (api.register_kernel)(name.as_ptr(), kernel, status.raw);
+    }
+    status.check(&format!(
+        "registering the CPU kernel of {HOST_STATE_OP_NAME}"
+    ))
 }
 
 /// Inputs after the written ones: grads, step, rates.
@@ -281,15 +340,30 @@ struct Options {
     weight_decay_mode: DecayMode,
     decay_form: Option<DecayForm>,
     maximize: bool,
+    /// The registered host state (`KerasAdamwUpdateHostState` only).
+    host_state: Option<u64>,
 }
 
 unsafe extern "C" fn create_kernel(ctx: *mut OpKernelConstruction) -> *mut c_void {
+    // SAFETY: TF's live construction context.
+    unsafe { create(ctx, false) }
+}
+
+unsafe extern "C" fn create_host_state_kernel(ctx: *mut OpKernelConstruction) -> *mut c_void {
+    // SAFETY: TF's live construction context.
+    unsafe { create(ctx, true) }
+}
+
+/// # Safety
+/// `ctx` must be TF's live construction context.
+unsafe fn create(ctx: *mut OpKernelConstruction, host_state: bool) -> *mut c_void {
     let Some(api) = API.get() else {
         return std::ptr::null_mut();
     };
     let status = StatusBox::new(api);
     // SAFETY: TF's live construction context.
-    let options = std::panic::catch_unwind(|| unsafe { read_options(api, ctx, &status) });
+    let options =
+        std::panic::catch_unwind(|| unsafe { read_options(api, ctx, &status, host_state) });
     match options {
         Ok(Ok(options)) => Box::into_raw(Box::new(options)).cast(),
         failed => {
@@ -312,6 +386,7 @@ unsafe fn read_options(
     api: &Api,
     ctx: *mut OpKernelConstruction,
     status: &StatusBox<'_>,
+    host_state: bool,
 ) -> Result<Options, String> {
     let text = |name: &CStr| -> Result<String, String> {
         let (mut list_size, mut total_size) = (0i32, 0i32);
@@ -346,6 +421,15 @@ unsafe fn read_options(
     unsafe { (api.attr_bool)(ctx, c"maximize".as_ptr(), &mut maximize, status.raw) };
     status.check("maximize")?;
     let decay_form = text(c"decay_form")?;
+    let host_state = if host_state {
+        let mut id = 0i64;
+        // SAFETY: the caller's contract; TF writes one int64.
+        unsafe { (api.attr_int64)(ctx, c"host_state".as_ptr(), &mut id, status.raw) };
+        status.check("host_state")?;
+        Some(u64::try_from(id).map_err(|_| format!("host_state must be >= 0, got {id}"))?)
+    } else {
+        None
+    };
     let error = |e: InvalidArgument| e.to_string();
     Ok(Options {
         epsilon_mode: EpsilonMode::parse(&text(c"epsilon_mode")?).map_err(error)?,
@@ -355,6 +439,7 @@ unsafe fn read_options(
             form => Some(DecayForm::parse(form).map_err(error)?),
         },
         maximize: maximize != 0,
+        host_state,
     })
 }
 
@@ -429,6 +514,10 @@ const WRITTEN: [&str; 4] = ["params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
 /// # Safety
 /// `ctx` must be TF's live kernel context.
 unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result<(), String> {
+    if let Some(id) = options.host_state {
+        // SAFETY: the caller's contract.
+        return unsafe { run_host_state(api, options, id, ctx) };
+    }
     let status = StatusBox::new(api);
     // SAFETY: the caller's contract.
     let inputs = unsafe { (api.num_inputs)(ctx) }.max(0) as usize;
@@ -466,29 +555,7 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
             return Err(format!("{name} is not an aligned float32 buffer"));
         }
     }
-    let (step, rates) = (
-        scalars::<i64>(&step, DTYPE_INT64, 1, "step")?,
-        scalars::<f64>(&rates, DTYPE_DOUBLE, 5, "rates")?,
-    );
-    let step = u64::try_from(step[0])
-        .ok()
-        .filter(|&s| s >= 1)
-        .ok_or_else(|| format!("step must be an integer >= 1, got {}", step[0]))?;
-    let constants = Hyperparams {
-        step,
-        learning_rate: rates[0],
-        weight_decay: rates[1],
-        beta_1: rates[2],
-        beta_2: rates[3],
-        epsilon: rates[4],
-        epsilon_mode: options.epsilon_mode,
-        weight_decay_mode: options.weight_decay_mode,
-        decay_form: options.decay_form,
-        maximize: options.maximize,
-        grad_scale: None,
-    }
-    .constants()
-    .map_err(|e| e.to_string())?;
+    let constants = step_constants(options, &step, &rates)?;
     let level = simd::active_level().map_err(|e| e.to_string())?;
 
     // Checked: allocate the results, which TF hands on as the op's outputs.
@@ -542,8 +609,8 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
     };
     let from = Sources {
         params: read(&sources[0]),
-        exp_avg: read(&sources[1]),
-        exp_avg_sq: read(&sources[2]),
+        exp_avg: Some(read(&sources[1])),
+        exp_avg_sq: Some(read(&sources[2])),
         max_exp_avg_sq: sources.get(3).map(read),
     };
     let to = TensorSlices::new(
@@ -552,6 +619,157 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         write(&outputs[1]),
         write(&outputs[2]),
         outputs.get(3).map(write),
+    )
+    .map_err(|e| e.to_string())?;
+    parallel::adamw_step_from(vec![(from, to)], &constants, level);
+    Ok(())
+}
+
+/// The step constants from the `step` and `rates` inputs and the options.
+fn step_constants(
+    options: &Options,
+    step: &TensorRef<'_>,
+    rates: &TensorRef<'_>,
+) -> Result<StepConstants, String> {
+    let (step, rates) = (
+        scalars::<i64>(step, DTYPE_INT64, 1, "step")?,
+        scalars::<f64>(rates, DTYPE_DOUBLE, 5, "rates")?,
+    );
+    let step = u64::try_from(step[0])
+        .ok()
+        .filter(|&s| s >= 1)
+        .ok_or_else(|| format!("step must be an integer >= 1, got {}", step[0]))?;
+    Hyperparams {
+        step,
+        learning_rate: rates[0],
+        weight_decay: rates[1],
+        beta_1: rates[2],
+        beta_2: rates[3],
+        epsilon: rates[4],
+        epsilon_mode: options.epsilon_mode,
+        weight_decay_mode: options.weight_decay_mode,
+        decay_form: options.decay_form,
+        maximize: options.maximize,
+        grad_scale: None,
+    }
+    .constants()
+    .map_err(|e| e.to_string())
+}
+
+/// `KerasAdamwUpdateHostState`: new params out of place, the registered
+/// host state in place.
+///
+/// # Safety
+/// As for `run`.
+unsafe fn run_host_state(
+    api: &Api,
+    options: &Options,
+    id: u64,
+    ctx: *mut OpKernelContext,
+) -> Result<(), String> {
+    let status = StatusBox::new(api);
+    let input = |index: usize| -> Result<TensorRef<'_>, String> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: index < the op's 4 inputs; TF hands back a new reference, ours to delete.
+        unsafe { (api.input)(ctx, index as c_int, &mut raw, status.raw) };
+        status.check(&format!("input {index}"))?;
+        Ok(TensorRef { api, raw })
+    };
+    let (params, grads) = (input(0)?, input(1)?);
+    let constants = step_constants(options, &input(2)?, &input(3)?)?;
+    let dims = params.dims();
+    for (name, tensor) in [("params", &params), ("grads", &grads)] {
+        if tensor.dtype() != DTYPE_FLOAT {
+            return Err(format!("{name} must be float32"));
+        }
+        if tensor.dims() != dims {
+            return Err(format!(
+                "{name} has shape {:?} where params has {dims:?}",
+                tensor.dims()
+            ));
+        }
+        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
+            return Err(format!("{name} is not an aligned float32 buffer"));
+        }
+    }
+    let len = params.len();
+    let state = host_state::lookup(id)
+        .ok_or_else(|| format!("host_state {id} is not registered (its HostState was freed)"))?;
+    for (list, buffers) in WRITTEN[1..].iter().zip(&state.lists) {
+        match buffers.as_slice() {
+            [(_, held)] if *held == len => {}
+            _ => {
+                return Err(format!(
+                    "host_state {id} holds {list} of {:?} floats where params has {len}",
+                    buffers.iter().map(|b| b.1).collect::<Vec<_>>()
+                ))
+            }
+        }
+    }
+    let level = simd::active_level().map_err(|e| e.to_string())?;
+    // SAFETY: the op's one output; TF allocates, the reference is ours to delete.
+    let raw = unsafe {
+        (api.allocate_output)(
+            ctx,
+            0,
+            DTYPE_FLOAT,
+            dims.as_ptr(),
+            dims.len() as c_int,
+            len * size_of::<f32>(),
+            status.raw,
+        )
+    };
+    status.check("allocating new_params")?;
+    let output = TensorRef { api, raw };
+
+    let bytes = len * size_of::<f32>();
+    let region = |start: usize, written: bool, label: &'static str| Region {
+        start,
+        len_bytes: bytes,
+        written,
+        label,
+    };
+    let mut regions = vec![
+        region(grads.data() as usize, false, "grads"),
+        region(params.data() as usize, false, "params"),
+        region(output.data() as usize, true, "params"),
+    ];
+    for (list, buffers) in WRITTEN[1..].iter().zip(&state.lists) {
+        regions.push(region(buffers[0].0, true, list));
+    }
+    if let Some((a, b)) = find_overlap(&regions) {
+        return Err(format!("host_state {id}'s {b} shares memory with {a}"));
+    }
+    // Waits for any other call on the same host state.
+    let _claim = in_flight::claim(&regions);
+    let read = |start: *mut c_void| -> &[f32] {
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: an aligned float32 buffer of `len` elements that nothing writes during the call (claimed).
+        unsafe { std::slice::from_raw_parts(start.cast(), len) }
+    };
+    let write = |start: usize| -> &mut [f32] {
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: `len` floats, written by this call alone: a fresh output, or
+        // registered host state that overlaps nothing else (checked) and is claimed.
+        unsafe { std::slice::from_raw_parts_mut(start as *mut f32, len) }
+    };
+    let from = Sources {
+        params: read(params.data()),
+        exp_avg: None,
+        exp_avg_sq: None,
+        max_exp_avg_sq: None,
+    };
+    let held = |list: usize| state.lists.get(list).map(|buffers| write(buffers[0].0));
+    let to = TensorSlices::new(
+        write(output.data() as usize),
+        read(grads.data()),
+        held(0).expect("exp_avgs"),
+        held(1).expect("exp_avg_sqs"),
+        held(2),
     )
     .map_err(|e| e.to_string())?;
     parallel::adamw_step_from(vec![(from, to)], &constants, level);

@@ -4,8 +4,10 @@ The kernel runs as a TensorFlow op, `KerasAdamwUpdate` (rust/tensorflow_op.rs),
 registered through TensorFlow's C API on first use: one op per variable reads
 the variable's value, its slots and its gradient, and writes the new values in
 one pass into tensors that TF allocates and the variables then adopt, without
-a copy. Offloaded state (host arrays of ours, updated in place), and a
-TensorFlow whose C API the op cannot find, take a `tf.numpy_function` instead.
+a copy. Offloaded state (host arrays of ours) goes to its sibling,
+`KerasAdamwUpdateHostState`, which updates the arrays in place by reference
+(`host.HostState`) and writes only the new parameters. A TensorFlow whose C
+API the ops cannot find takes a `tf.numpy_function` instead.
 Under a MirroredStrategy over CPU devices, each replica's copy is updated by
 the op on its device. XLA compiles neither, so under `jit_compile=True`
 "auto" takes the ops path.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_adamw import _core
+from keras_adamw.host import HostState
 
 if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
@@ -77,6 +80,7 @@ class HostPath:
     def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
         self.results = ResultArrays()
+        self.host_states: dict[int, HostState] = {}
 
     def falls_back_to_ops(self, grads: list[Any]) -> bool:
         """XLA cannot compile the host path: "auto" then takes the ops path,
@@ -103,9 +107,11 @@ class HostPath:
             )
         import tensorflow as tf
 
-        op = None if self.optimizer.offload_state else update_op()
+        op = host_state_op() if self.optimizer.offload_state else update_op()
         if op is None:
             self.numpy_function_step(grads, variables, learning_rate, indices)
+        elif self.optimizer.offload_state:
+            self.host_state_op_step(op, grads, variables, learning_rate, indices)
         elif tf.distribute.has_strategy():
             self.distributed_op_step(op, grads, variables, learning_rate, indices)
         else:
@@ -158,12 +164,7 @@ class HostPath:
 
         optimizer = self.optimizer
         step = tf.cast(optimizer.iterations + 1, tf.int64)
-        learning_rate = tf.cast(learning_rate, tf.float64)
-        weight_decay = tf.cast(optimizer.weight_decay, tf.float64)
-        constants = [float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)]
-        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
-            rates = optimizer._group_rates(learning_rate, weight_decay, lr_factor, wd_factor)
-            rates = tf.stack([tf.cast(r, tf.float64) for r in rates] + constants)
+        for rates, positions in self.group_rates(learning_rate, indices):
             for k in positions:
                 variable = variables[k]
                 momentum, velocity, *velocity_hat = (s[indices[k]] for s in optimizer._slot_lists())
@@ -180,6 +181,52 @@ class HostPath:
                 targets = [variable, momentum, velocity, *velocity_hat]
                 for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
                     optimizer.assign(target, value)
+
+    def group_rates(self, learning_rate: Any, indices: list[int]) -> list[tuple[Any, list[int]]]:
+        """Per parameter group: the ops' `rates` input (learning rate, weight
+        decay, β₁, β₂, ε as float64) and the group's positions."""
+        import tensorflow as tf
+
+        optimizer = self.optimizer
+        learning_rate = tf.cast(learning_rate, tf.float64)
+        weight_decay = tf.cast(optimizer.weight_decay, tf.float64)
+        constants = [float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)]
+        groups = []
+        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+            rates = optimizer._group_rates(learning_rate, weight_decay, lr_factor, wd_factor)
+            rates = tf.stack([tf.cast(r, tf.float64) for r in rates] + constants)
+            groups.append((rates, positions))
+        return groups
+
+    def host_state_op_step(
+        self,
+        op: Callable[..., Any],
+        grads: list[Any],
+        variables: list[Any],
+        learning_rate: Any,
+        indices: list[int],
+    ) -> None:
+        """Offloaded state: per variable, the op updates its host arrays in
+        place and returns only the new parameters, which the variable adopts."""
+        import tensorflow as tf
+
+        optimizer = self.optimizer
+        step = tf.cast(optimizer.iterations + 1, tf.int64)
+        slots = optimizer._slots(indices)
+        for rates, positions in self.group_rates(learning_rate, indices):
+            for k in positions:
+                if indices[k] not in self.host_states:
+                    lists = ([s[k]] if s is not None else None for s in slots)
+                    self.host_states[indices[k]] = HostState(*lists)  # type: ignore[arg-type]
+                new_params = op(
+                    params=variables[k].value,
+                    grads=tf.cast(grads[k], tf.float32),
+                    step=step,
+                    rates=rates,
+                    host_state=self.host_states[indices[k]].id,
+                    **optimizer._kernel_options(),
+                )
+                optimizer.assign(variables[k], new_params)
 
     def numpy_function_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
@@ -265,9 +312,10 @@ def aligned_empty(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
 
 
 @functools.cache
-def update_op() -> Callable[..., Any] | None:
-    """The kernel's TensorFlow op as a Python function (TF's generated wrapper),
-    registered on first use; None, with a warning, where it cannot be."""
+def tensorflow_ops() -> Any:
+    """The kernel's TensorFlow ops as Python functions (TF's generated
+    wrappers), registered on first use: ``update`` and ``update_host_state``.
+    None, with a warning, where they cannot be."""
     try:
         name = _core.register_tensorflow_op(framework_library())
     except RuntimeError as error:
@@ -281,11 +329,25 @@ def update_op() -> Callable[..., Any] | None:
     from tensorflow.core.framework import op_def_pb2
     from tensorflow.python.framework import _pywrap_python_op_gen, op_def_registry
 
-    op_list = op_def_pb2.OpList(op=[op_def_registry.get(name)])
+    names = [name, name + "HostState"]
+    op_list = op_def_pb2.OpList(op=[op_def_registry.get(n) for n in names])
     module = types.ModuleType("keras_adamw_tensorflow_ops")
     exec(_pywrap_python_op_gen.GetPythonWrappers(op_list.SerializeToString()), module.__dict__)
-    op: Callable[..., Any] = module.keras_adamw_update
-    return op
+    return types.SimpleNamespace(
+        update=module.keras_adamw_update, update_host_state=module.keras_adamw_update_host_state
+    )
+
+
+def update_op() -> Callable[..., Any] | None:
+    """The op of Keras-variable state, or None where the ops are unavailable."""
+    ops = tensorflow_ops()
+    return None if ops is None else ops.update
+
+
+def host_state_op() -> Callable[..., Any] | None:
+    """The op of offloaded state, or None where the ops are unavailable."""
+    ops = tensorflow_ops()
+    return None if ops is None else ops.update_host_state
 
 
 def framework_library() -> str:

@@ -303,8 +303,8 @@ fn an_out_of_place_step_matches_the_in_place_one_and_leaves_its_sources() {
         out.g.clone_from(&sources.g);
         let from = Sources {
             params: &sources.p,
-            exp_avg: &sources.m,
-            exp_avg_sq: &sources.v,
+            exp_avg: Some(&sources.m),
+            exp_avg_sq: Some(&sources.v),
             max_exp_avg_sq: sources.max_v.as_deref(),
         };
         let (head, tail) = out.slices().split_at(1000);

@@ -52,6 +52,34 @@ def test_fit_runs_the_op_and_matches_the_numpy_function_path_bitwise(kwargs, mon
     assert max_difference(with_op, with_numpy_function) == 0
 
 
+@pytest.mark.parametrize("name", ["plain", "amsgrad, torch epsilon", "groups", "maximize"])
+def test_offloaded_state_runs_its_op_in_place_and_matches_the_numpy_function_path(
+    name, monkeypatch
+):
+    """Offloaded state: KerasAdamwUpdateHostState updates the host arrays by
+    reference and returns only the new parameters; the same as the
+    tf.numpy_function fallback, to the bit, state included."""
+    from keras_adamw.backends import tensorflow as backend
+
+    op = backend.host_state_op()
+    assert op is not None, "the op registers with the TensorFlow the tests run"
+    calls = []
+
+    def counted(**kwargs):
+        calls.append(kwargs["host_state"])
+        return op(**kwargs)
+
+    monkeypatch.setattr(backend, "host_state_op", lambda: counted)
+    with_op = fit(AdamW(offload_state=True, **FEATURES[name]), steps=60)
+    assert len(set(calls)) == len(with_op.trainable_variables), "one state per variable"
+    monkeypatch.setattr(backend, "host_state_op", lambda: None)
+    with_numpy_function = fit(AdamW(offload_state=True, **FEATURES[name]), steps=60)
+    assert max_difference(with_op, with_numpy_function) == 0
+    states = [o.optimizer.get_weights() for o in (with_op, with_numpy_function)]
+    for a, b in zip(*states, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("epsilon_mode", ["keras", "torch"])
 def test_the_op_matches_the_float64_reference(amsgrad, epsilon_mode):
@@ -166,3 +194,38 @@ def test_graph_of_a_host_step_holds_the_op_and_no_python_function():
     types = {op.type for op in graph.get_operations()}
     assert "KerasAdamwUpdate" in types
     assert not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow op")
+def test_the_host_state_op_refuses_a_freed_state_and_a_state_of_another_shape():
+    import gc
+
+    import tensorflow as tf
+
+    from keras_adamw.backends.tensorflow import host_state_op
+    from keras_adamw.host import HostState
+
+    m, v = np.zeros(6, np.float32), np.zeros(6, np.float32)
+    arguments = dict(
+        params=tf.ones(6),
+        grads=tf.ones(6),
+        step=tf.constant(1, tf.int64),
+        rates=tf.constant([1e-3, 0.0, 0.9, 0.999, 1e-7], tf.float64),
+        epsilon_mode="keras",
+        weight_decay_mode="coupled",
+    )
+    state = HostState([m], [v])
+    host_state_op()(**arguments, host_state=state.id)
+    assert m.any() and v.any(), "the op updated the host arrays in place"
+    with pytest.raises(tf.errors.InvalidArgumentError, match="holds exp_avg of"):
+        host_state_op()(
+            **{**arguments, "params": tf.ones(5), "grads": tf.ones(5)}, host_state=state.id
+        )
+    freed, before = state.id, m.copy()
+    del state
+    gc.collect()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"host_state {freed} is not registered"
+    ):
+        host_state_op()(**arguments, host_state=freed)
+    np.testing.assert_array_equal(m, before)
