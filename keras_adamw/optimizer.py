@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adamw import backends, host
+from keras_adamw import backends, host, sharding
 from keras_adamw._checks import flag as _flag
 from keras_adamw._checks import real as _real
 
@@ -72,6 +72,12 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             and only parameters and gradients cross (JAX: an ordered host
             callback; TF: tf.numpy_function; torch: in place on CPU variables,
             through host staging buffers for variables on an accelerator).
+        shard_state: under a `keras.distribution` with a data-parallel axis
+            (``DataParallel``, or a ``ModelParallel`` mesh's batch axis), lay
+            out m, v (and v̂) sharded along that axis, as ZeRO stage 1 does:
+            each device holds and updates 1/N of the state, XLA gathers what
+            the parameters need. A variable's model-axis sharding is kept;
+            without a distribution, or with one device, nothing changes.
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -106,6 +112,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         maximize: bool = False,
         implementation: str = "auto",
         offload_state: bool = False,
+        shard_state: bool = False,
         name: str = "adamw",
         **kwargs: Any,
     ) -> None:
@@ -132,6 +139,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             )
         self.implementation = implementation
         self.offload_state = offload_state
+        self.shard_state = _flag("shard_state", shard_state)
         self._exclude_patterns = _compile_patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay or []
         )
@@ -237,12 +245,33 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 for _ in range(slots)
             ]
         else:  # Keras's Adam order: momentum and velocity interleaved, then velocity_hat
-            state = list(self.add_optimizer_variables(var_list, ["momentum", "velocity"]))
-            if self.amsgrad:
-                state.append(self.add_optimizer_variables(var_list, "velocity_hat"))
+            self._adding_slots = True
+            try:
+                state = list(self.add_optimizer_variables(var_list, ["momentum", "velocity"]))
+                if self.amsgrad:
+                    state.append(self.add_optimizer_variables(var_list, "velocity_hat"))
+            finally:
+                self._adding_slots = False
         self._momentums, self._velocities = state[0], state[1]
         if self.amsgrad:
             self._velocity_hats = state[2]
+
+    def add_variable_from_reference(
+        self, reference_variable: Any, name: str | None = None, initializer: Any = "zeros"
+    ) -> Any:
+        """As Keras's, but the slots of `shard_state` take the sharded layout."""
+        layout = None
+        if self.shard_state and getattr(self, "_adding_slots", False):
+            layout = sharding.state_layout(reference_variable)
+        if layout is None:
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+        return self.add_variable(
+            shape=reference_variable.shape,
+            initializer=initializer,
+            dtype=reference_variable.dtype,
+            name=f"{reference_variable.path.replace('/', '_')}_{name}",
+            layout=layout,
+        )
 
     def _resolve_implementation(self, var_list: list[Any]) -> bool:
         """Whether the update runs in the host kernel."""
@@ -499,6 +528,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 "maximize": self.maximize,
                 "implementation": self.implementation,
                 "offload_state": self.offload_state,
+                "shard_state": self.shard_state,
             }
         )
         return config

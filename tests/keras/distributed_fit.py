@@ -1,7 +1,7 @@
 """Trains under a distribution strategy; run by test_distribution.py in a fresh
 process (device counts must be set before the backend starts).
 
-    python distributed_fit.py jax-data | jax-model | tf-mirrored
+    python distributed_fit.py jax-data | jax-model | jax-sharded | tf-mirrored
 
 Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
 under the same strategy, and what the slots' placement was.
@@ -13,7 +13,8 @@ import sys
 
 mode = sys.argv[1]
 if mode.startswith("jax"):
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    devices = 4 if mode == "jax-sharded" else 2
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["KERAS_BACKEND"] = "jax"
 else:
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -64,6 +65,38 @@ elif mode == "jax-model":
     report["kernel_sharding"] = str(kernel.value.sharding.spec)
     report["slot_shardings"] = sorted({str(v.value.sharding.spec) for v in slots})
     report["slots"] = len(slots)
+elif mode == "jax-sharded":
+    # shard_state under DataParallel over 4 devices, then under a 2 x 2 mesh
+    # whose model axis shards the hidden kernel.
+    def slot_shards(model):
+        """Per slot: its size and the largest shard any device holds."""
+        slots = [v for v in model.optimizer.variables if v.path.split("_")[-1] in SLOT_NAMES]
+        return {
+            v.path: [int(np.prod(v.shape)), max(s.data.size for s in v.value.addressable_shards)]
+            for v in slots
+        }
+
+    SLOT_NAMES = ("momentum", "velocity", "hat")
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    sharded, report["difference"] = compare(
+        lambda: AdamW(shard_state=True, **kwargs), lambda: keras.optimizers.AdamW(**kwargs)
+    )
+    _, report["difference_from_unsharded"] = compare(
+        lambda: AdamW(shard_state=True, **kwargs), lambda: AdamW(**kwargs)
+    )
+    report["devices"] = len(devices)
+    report["data_parallel"] = slot_shards(sharded)
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden/kernel"] = (None, "model")
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layout_map))
+    sharded, report["model_parallel_difference"] = compare(
+        lambda: AdamW(shard_state=True, **kwargs), lambda: keras.optimizers.AdamW(**kwargs)
+    )
+    report["model_parallel"] = slot_shards(sharded)
+    slots = [v for v in sharded.optimizer.variables if "hidden_kernel" in v.path]
+    report["hidden_kernel_slot_specs"] = sorted({str(v.value.sharding.spec) for v in slots})
 elif mode == "tf-mirrored":
     import tensorflow as tf
 

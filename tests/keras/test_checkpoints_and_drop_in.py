@@ -167,6 +167,7 @@ def test_numpy_and_backend_scalars_are_hyperparameters():
     [
         (dict(maximize="False"), TypeError, "maximize must be True or False, got 'False'"),
         (dict(offload_state="False"), TypeError, "offload_state must be True or False"),
+        (dict(shard_state="False"), TypeError, "shard_state must be True or False"),
         (dict(amsgrad=1), TypeError, "amsgrad must be True or False, got 1"),
         (
             dict(exclude_from_weight_decay=5),

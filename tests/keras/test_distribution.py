@@ -47,6 +47,31 @@ def test_model_parallel_slots_inherit_the_sharding(tmp_path):
     assert "model" in report["kernel_sharding"]
 
 
+@jax_only
+def test_shard_state_holds_one_nth_of_the_state_per_device_and_trains_the_same(tmp_path):
+    """DataParallel over 4 devices: each slot split 4 ways. A 2 x 2 mesh whose
+    model axis splits the hidden kernel: its slots split over both axes (4
+    ways), the others over the batch axis (2 ways). The out layer's (1,) bias
+    cannot be split: its slots stay whole."""
+    report = run("jax-sharded", tmp_path)
+    assert report["devices"] == 4
+    assert report["difference"] <= 1e-6
+    assert report["difference_from_unsharded"] <= 1e-6
+    assert report["model_parallel_difference"] <= 1e-6
+
+    def ways(mesh, path, size):
+        if size == 1:
+            return 1
+        return 4 if mesh == "data_parallel" or "hidden_kernel" in path else 2
+
+    for mesh in ["data_parallel", "model_parallel"]:
+        slots = report[mesh]
+        assert len(slots) == 3 * 6  # m, v and v̂ of six variables
+        for path, (size, largest_shard) in slots.items():
+            assert largest_shard == size // ways(mesh, path, size), (mesh, path)
+    assert report["hidden_kernel_slot_specs"] == ["P('batch', 'model')"]
+
+
 @tf_only
 def test_mirrored_strategy_matches_keras_adamw(tmp_path):
     report = run("tf-mirrored", tmp_path)
