@@ -3,10 +3,12 @@ fresh process with two simulated CPU devices."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from keras_helpers import BACKEND
 
@@ -79,3 +81,46 @@ def test_mirrored_strategy_matches_keras_adamw(tmp_path):
     assert report["on_host"], '"auto" runs the op on each replica'
     assert report["difference"] <= 1e-6
     assert report["difference_from_ops"] <= 1e-6
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def multi_worker(workers, tmp_path):
+    """multi_worker_fit.py in `workers` processes; worker 0's weights."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+    ports = ",".join(free_port() for _ in range(workers))
+    out = tmp_path / f"workers{workers}.npz"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multi_worker_fit.py"), str(i), ports, str(out)],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(workers)
+    ]
+    try:
+        errors = [process.communicate(timeout=300)[1] for process in processes]
+    finally:
+        for process in processes:  # never leave a worker waiting on a dead peer
+            if process.poll() is None:
+                process.kill()
+    for process, stderr in zip(processes, errors, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    return np.load(out)
+
+
+@tf_only
+def test_multi_worker_mirrored_strategy_on_localhost_matches_one_worker(tmp_path):
+    """Two TF workers over gRPC on localhost, each on half of every batch:
+    "auto" takes the ops path there, and ends where one worker on the whole
+    batches does."""
+    one, two = multi_worker(1, tmp_path), multi_worker(2, tmp_path)
+    assert not bool(two["on_host"]), "the host path runs under MirroredStrategy only"
+    names = [name for name in one.files if name.startswith("arr_")]
+    assert max(np.abs(one[n] - two[n]).max() for n in names) <= 1e-6
