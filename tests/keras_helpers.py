@@ -1,5 +1,11 @@
 """Helpers for the Keras tests; the backend is whatever KERAS_BACKEND names."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -42,3 +48,44 @@ def fit(optimizer, steps=100, batch_size=8, model=None, **compile_kwargs):
 
 def max_difference(a, b):
     return max(np.abs(x - y).max() for x, y in zip(weights(a), weights(b), strict=True))
+
+
+def run_processes(script, count, tmp_path):
+    """Runs tests/keras/`script` in `count` processes, each given its index,
+    `count`, `count` free ports on 127.0.0.1 (comma-separated) and one
+    output file, which process 0 writes; returns that file's arrays. A
+    process that fails or outlives 300 s fails the test, and no process is
+    left waiting on a dead peer."""
+    here = Path(__file__).parent / "keras"
+    ports = []
+    for _ in range(count):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(str(probe.getsockname()[1]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    out = tmp_path / f"{Path(script).stem}-{count}.npz"
+    arguments = [str(count), ",".join(ports), str(out)]
+    started = [
+        subprocess.Popen(
+            [sys.executable, str(here / script), str(i), *arguments],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
+    try:
+        errors = [process.communicate(timeout=300)[1] for process in started]
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+    for process, stderr in zip(started, errors, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    return np.load(out)
+
+
+def weight_arrays(saved):
+    """The weights a process saved with np.savez(out, *weights, ...)."""
+    return [saved[name] for name in saved.files if name.startswith("arr_")]

@@ -1,7 +1,7 @@
 """Trains a small Keras model with keras_adamw.AdamW under torch's
 DistributedDataParallel; run by test_torch_ddp.py, one process per rank.
 
-    python ddp_train.py RANK WORLD PORT OUT.npz
+    python ddp_train.py RANK WORLD PORT,... OUT.npz
 
 Each rank trains on its slice of every batch; DDP averages the gradients, and
 the optimizer applies them in place (the host kernel, on CPU). Rank 0 saves
@@ -46,7 +46,8 @@ def batches(rank, world):
 OPTIONS = dict(learning_rate=3e-3, weight_decay=0.05, amsgrad=True)
 
 if __name__ == "__main__":
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
+    port = sys.argv[3].split(",")[0]
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )

@@ -1,12 +1,12 @@
 """Trains under tf.distribute.MultiWorkerMirroredStrategy, one process per
 worker on localhost; run by test_distribution.py.
 
-    python multi_worker_fit.py INDEX PORT,PORT,... OUT.npz
+    python multi_worker_fit.py INDEX WORKERS PORT,PORT,... OUT.npz
 
 A custom loop (`strategy.run` of a GradientTape step; Keras 3.15's `fit` under
 this strategy fails in its symbolic build, `keras.optimizers.AdamW` alike):
 each worker takes its half of every global batch, and the optimizer sums the
-gradients across workers. Worker 0 saves the final weights. With one port it
+gradients across workers. Worker 0 saves the final weights. With one worker it
 trains alone, without a strategy.
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
-index, ports, out = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+index, ports, out = int(sys.argv[1]), sys.argv[3].split(","), sys.argv[4]
 if len(ports) > 1:
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     task = {"type": "worker", "index": index}

@@ -3,14 +3,13 @@ fresh process with two simulated CPU devices."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from keras_helpers import BACKEND
+from keras_helpers import BACKEND, run_processes, weight_arrays
 
 HERE = Path(__file__).parent
 
@@ -83,44 +82,46 @@ def test_mirrored_strategy_matches_keras_adamw(tmp_path):
     assert report["difference_from_ops"] <= 1e-6
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
-
-
-def multi_worker(workers, tmp_path):
-    """multi_worker_fit.py in `workers` processes; worker 0's weights."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
-    ports = ",".join(free_port() for _ in range(workers))
-    out = tmp_path / f"workers{workers}.npz"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "multi_worker_fit.py"), str(i), ports, str(out)],
-            env=env,
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(workers)
-    ]
-    try:
-        errors = [process.communicate(timeout=300)[1] for process in processes]
-    finally:
-        for process in processes:  # never leave a worker waiting on a dead peer
-            if process.poll() is None:
-                process.kill()
-    for process, stderr in zip(processes, errors, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
-    return np.load(out)
-
-
 @tf_only
 def test_multi_worker_mirrored_strategy_on_localhost_matches_one_worker(tmp_path):
     """Two TF workers over gRPC on localhost, each on half of every batch:
     "auto" takes the ops path there, and ends where one worker on the whole
     batches does."""
-    one, two = multi_worker(1, tmp_path), multi_worker(2, tmp_path)
+    one, two = (run_processes("multi_worker_fit.py", n, tmp_path) for n in (1, 2))
     assert not bool(two["on_host"]), "the host path runs under MirroredStrategy only"
-    names = [name for name in one.files if name.startswith("arr_")]
-    assert max(np.abs(one[n] - two[n]).max() for n in names) <= 1e-6
+    pairs = zip(weight_arrays(one), weight_arrays(two), strict=True)
+    assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
+
+
+@jax_only
+def test_two_processes_with_sharded_state_train_as_one_process_on_four_devices(tmp_path):
+    """keras.distribution across 2 processes of 2 CPU devices (gloo over
+    localhost), shard_state on: the same weights as 1 process of 4 devices."""
+    one, two = (run_processes("multi_process_fit.py", n, tmp_path) for n in (1, 2))
+    assert int(one["devices"]) == int(two["devices"]) == 4
+    assert int(two["slot_shard"]) == 8 * 16 // 4  # the hidden kernel's slots, split 4 ways
+    pairs = zip(weight_arrays(one), weight_arrays(two), strict=True)
+    assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
+
+
+@jax_only
+def test_a_coordinator_that_never_answers_is_an_error_in_bounded_time(tmp_path):
+    """Process 1 of 2 alone: jax.distributed gives up after its
+    initialization_timeout (5 s here) with an error, never a hang."""
+    import time
+
+    env = dict(
+        os.environ,
+        INIT_TIMEOUT="5",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]),
+    )
+    command = [sys.executable, str(HERE / "multi_process_fit.py"), "1", "2", "1", "out.npz"]
+    start = time.monotonic()
+    out = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0
+    assert time.monotonic() - start < 90
+    assert "DEADLINE_EXCEEDED" in out.stderr or "timed out" in out.stderr.lower(), out.stderr[
+        -2000:
+    ]

@@ -1,0 +1,64 @@
+"""Trains under keras.distribution.DataParallel with shard_state=True across
+processes (JAX, gloo collectives over localhost); run by test_distribution.py.
+
+    python multi_process_fit.py PROCESS PROCESSES PORT,... OUT.npz
+
+PROCESSES processes with 4 / PROCESSES simulated CPU devices each, so 4
+devices in all; each process feeds its share of every global batch of 16.
+With PROCESSES 1 it is the single-process run on 4 devices. Process 0 saves
+the final weights. The coordinator is waited for at most INIT_TIMEOUT
+seconds (environment; 60 by default).
+"""
+
+import os
+import sys
+
+process, processes, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
+port = sys.argv[3].split(",")[0]  # the coordinator's
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // processes}"
+
+import jax  # noqa: E402
+
+if processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=processes,
+        process_id=process,
+        initialization_timeout=int(os.environ.get("INIT_TIMEOUT", "60")),
+    )
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras_helpers import make_data, make_model, weights  # noqa: E402
+
+from keras_adamw import AdamW  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 16, 25
+distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+distribution.auto_shard_dataset = False  # each process passes its own share
+keras.distribution.set_distribution(distribution)
+keras.utils.set_random_seed(0)
+model = make_model()
+optimizer = AdamW(learning_rate=3e-3, weight_decay=0.05, amsgrad=True, shard_state=True)
+model.compile(optimizer=optimizer, loss="mse")
+x, y = make_data(GLOBAL_BATCH * STEPS)
+share = GLOBAL_BATCH // processes
+
+
+def mine(data):
+    """This process's share of every global batch."""
+    batches = data.reshape(STEPS, GLOBAL_BATCH, -1)
+    return batches[:, process * share : (process + 1) * share].reshape(-1, data.shape[1])
+
+
+model.fit(mine(x), mine(y), batch_size=share, epochs=2, shuffle=False, verbose=0)
+slot = next(v for v in optimizer.variables if v.path.endswith("hidden_kernel_momentum"))
+if process == 0:
+    np.savez(
+        out,
+        *weights(model),
+        devices=len(jax.devices()),
+        slot_shard=max(s.data.size for s in slot.value.addressable_shards),
+    )
