@@ -54,6 +54,11 @@ if reason:
 if keras.backend.backend() == "tensorflow" and optimizer._on_host:
     from keras_adamw.backends.tensorflow import update_op
     report["runs as"] = "the TensorFlow op" if update_op() else "tf.numpy_function"
+if keras.backend.backend() == "jax" and optimizer._on_host:
+    report["runs as"] = (
+        "an XLA custom call in Keras's trainer; the ops path in other jitted steps "
+        '(implementation="host" if yours donates the state)'
+    )
 print(json.dumps(report))
 """
 
