@@ -50,19 +50,23 @@ def max_difference(a, b):
     return max(np.abs(x - y).max() for x, y in zip(weights(a), weights(b), strict=True))
 
 
-def run_processes(script, count, tmp_path):
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def launch(script, count, tmp_path, **environment):
     """Runs tests/keras/`script` in `count` processes, each given its index,
-    `count`, `count` free ports on 127.0.0.1 (comma-separated) and one
-    output file, which process 0 writes; returns that file's arrays. A
-    process that fails or outlives 300 s fails the test, and no process is
-    left waiting on a dead peer."""
+    `count`, `count` free ports on 127.0.0.1 (comma-separated) and an output
+    file (process 0 writes it), with `environment` added. Returns each
+    process's (return code, stderr) and the output file. A process that
+    outlives 300 s fails the test; none is left waiting on a dead peer."""
     here = Path(__file__).parent / "keras"
-    ports = []
-    for _ in range(count):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(str(probe.getsockname()[1]))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    ports = [free_port() for _ in range(count)]
+    pythonpath = os.pathsep.join([str(here), str(here.parent)])
+    env = dict(os.environ, PYTHONPATH=pythonpath, **environment)
     out = tmp_path / f"{Path(script).stem}-{count}.npz"
     arguments = [str(count), ",".join(ports), str(out)]
     started = [
@@ -81,8 +85,14 @@ def run_processes(script, count, tmp_path):
         for process in started:
             if process.poll() is None:
                 process.kill()
-    for process, stderr in zip(started, errors, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
+    return [(p.returncode, e) for p, e in zip(started, errors, strict=True)], out
+
+
+def run_processes(script, count, tmp_path):
+    """`launch`, every process succeeding; the output file's arrays."""
+    results, out = launch(script, count, tmp_path)
+    for returncode, stderr in results:
+        assert returncode == 0, stderr[-3000:]
     return np.load(out)
 
 

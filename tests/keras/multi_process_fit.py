@@ -7,7 +7,9 @@ PROCESSES processes with 4 / PROCESSES simulated CPU devices each, so 4
 devices in all; each process feeds its share of every global batch of 16.
 With PROCESSES 1 it is the single-process run on 4 devices. Process 0 saves
 the final weights. The coordinator is waited for at most INIT_TIMEOUT
-seconds (environment; 60 by default).
+seconds, and a silent peer declared dead after HEARTBEAT seconds
+(environment; 60 and 100 by default). With DIE_AT_START set, process 1 exits
+right after joining, as a worker that dies.
 """
 
 import os
@@ -27,7 +29,10 @@ if processes > 1:
         num_processes=processes,
         process_id=process,
         initialization_timeout=int(os.environ.get("INIT_TIMEOUT", "60")),
+        heartbeat_timeout_seconds=int(os.environ.get("HEARTBEAT", "100")),
     )
+    if process == 1 and os.environ.get("DIE_AT_START"):
+        os._exit(0)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

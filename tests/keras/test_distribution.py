@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from keras_helpers import BACKEND, run_processes, weight_arrays
+from keras_helpers import BACKEND, launch, run_processes, weight_arrays
 
 HERE = Path(__file__).parent
 
@@ -125,3 +125,18 @@ def test_a_coordinator_that_never_answers_is_an_error_in_bounded_time(tmp_path):
     assert "DEADLINE_EXCEEDED" in out.stderr or "timed out" in out.stderr.lower(), out.stderr[
         -2000:
     ]
+
+
+@jax_only
+def test_a_worker_that_dies_is_an_error_in_bounded_time(tmp_path):
+    """Process 1 of 2 exits right after joining: process 0's first collective
+    fails (gloo: the connection reset), and the distributed service ends it
+    within its heartbeat timeout (5 s here), never a hang."""
+    import time
+
+    start = time.monotonic()
+    results, _ = launch("multi_process_fit.py", 2, tmp_path, DIE_AT_START="1", HEARTBEAT="5")
+    returncode, stderr = results[0]
+    assert returncode != 0
+    assert time.monotonic() - start < 120
+    assert "Connection reset" in stderr or "heartbeat" in stderr, stderr[-2000:]
