@@ -490,8 +490,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             )
 
     def save_own_variables(self, store: Any) -> None:
+        saved_value = backends.current().saved_value
         for i, x in enumerate(self._state()):
-            store[str(i)] = x if isinstance(x, np.ndarray) else x.numpy()
+            store[str(i)] = x if isinstance(x, np.ndarray) else saved_value(x)
 
     def load_own_variables(self, store: Any) -> None:
         values = [store[str(i)] for i in range(len(store.keys()))]

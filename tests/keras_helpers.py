@@ -88,9 +88,9 @@ def launch(script, count, tmp_path, **environment):
     return [(p.returncode, e) for p, e in zip(started, errors, strict=True)], out
 
 
-def run_processes(script, count, tmp_path):
+def run_processes(script, count, tmp_path, **environment):
     """`launch`, every process succeeding; the output file's arrays."""
-    results, out = launch(script, count, tmp_path)
+    results, out = launch(script, count, tmp_path, **environment)
     for returncode, stderr in results:
         assert returncode == 0, stderr[-3000:]
     return np.load(out)

@@ -5,6 +5,8 @@ A backend module has:
 - ``unsupported_reason(variable, offload_state) -> str | None``: why the host
   kernel cannot update this float32 Keras variable on this backend (its
   device, its distribution), or None when it can;
+- ``saved_value(variable) -> np.ndarray``: a Keras variable's value as a
+  `.keras` file stores it;
 - ``dense(gradient)``: a sparse gradient of this backend as a dense tensor,
   duplicate rows summed as the dense gradient has them;
 - ``HostPath(optimizer)``, made at ``build``, with

@@ -61,6 +61,18 @@ def applies_now(optimizer: AdamW) -> Any:
     return ops.equal((optimizer._iterations + 1) % accumulation, 0)
 
 
+def saved_value(variable: Any) -> np.ndarray:
+    """A Keras variable's value as the NumPy array a `.keras` file stores. A
+    value sharded over other processes' devices (``shard_state`` across
+    processes) is gathered first: a collective, so every process saves."""
+    value = variable.value
+    if getattr(value, "is_fully_addressable", True) or value.is_fully_replicated:
+        return np.asarray(variable.numpy())
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
         return gradient.todense()

@@ -57,6 +57,11 @@ def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     return None
 
 
+def saved_value(variable: Any) -> np.ndarray:
+    """A Keras variable's value as the NumPy array a `.keras` file stores."""
+    return np.asarray(variable.numpy())
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "IndexedSlices":  # the conversion sums duplicate rows
         import tensorflow as tf

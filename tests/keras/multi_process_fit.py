@@ -9,7 +9,10 @@ With PROCESSES 1 it is the single-process run on 4 devices. Process 0 saves
 the final weights. The coordinator is waited for at most INIT_TIMEOUT
 seconds, and a silent peer declared dead after HEARTBEAT seconds
 (environment; 60 and 100 by default). With DIE_AT_START set, process 1 exits
-right after joining, as a worker that dies.
+right after joining, as a worker that dies. Training is two `fit` epochs;
+with SAVE_AS set, every process saves the model after the first, to
+SAVE_AS.<process>.keras, and with RESUME set a run starts from that file and
+trains the second epoch only.
 """
 
 import os
@@ -45,9 +48,13 @@ distribution = keras.distribution.DataParallel(devices=keras.distribution.list_d
 distribution.auto_shard_dataset = False  # each process passes its own share
 keras.distribution.set_distribution(distribution)
 keras.utils.set_random_seed(0)
-model = make_model()
-optimizer = AdamW(learning_rate=3e-3, weight_decay=0.05, amsgrad=True, shard_state=True)
-model.compile(optimizer=optimizer, loss="mse")
+if os.environ.get("RESUME"):
+    model = keras.saving.load_model(os.environ["RESUME"])
+else:
+    model = make_model()
+    optimizer = AdamW(learning_rate=3e-3, weight_decay=0.05, amsgrad=True, shard_state=True)
+    model.compile(optimizer=optimizer, loss="mse")
+optimizer = model.optimizer
 x, y = make_data(GLOBAL_BATCH * STEPS)
 share = GLOBAL_BATCH // processes
 
@@ -58,7 +65,10 @@ def mine(data):
     return batches[:, process * share : (process + 1) * share].reshape(-1, data.shape[1])
 
 
-model.fit(mine(x), mine(y), batch_size=share, epochs=2, shuffle=False, verbose=0)
+for epoch in (2,) if os.environ.get("RESUME") else (1, 2):
+    model.fit(mine(x), mine(y), batch_size=share, epochs=1, shuffle=False, verbose=0)
+    if epoch == 1 and os.environ.get("SAVE_AS"):
+        model.save(f"{os.environ['SAVE_AS']}.{process}.keras")  # a collective: every process
 slot = next(v for v in optimizer.variables if v.path.endswith("hidden_kernel_momentum"))
 if process == 0:
     np.savez(

@@ -94,13 +94,22 @@ def test_multi_worker_mirrored_strategy_on_localhost_matches_one_worker(tmp_path
 
 
 @jax_only
-def test_two_processes_with_sharded_state_train_as_one_process_on_four_devices(tmp_path):
+def test_two_processes_with_sharded_state_train_and_save_as_one_process_of_four_devices(
+    tmp_path,
+):
     """keras.distribution across 2 processes of 2 CPU devices (gloo over
     localhost), shard_state on: the same weights as 1 process of 4 devices."""
-    one, two = (run_processes("multi_process_fit.py", n, tmp_path) for n in (1, 2))
+    checkpoint = str(tmp_path / "after-epoch-1")
+    one = run_processes("multi_process_fit.py", 1, tmp_path)
+    two = run_processes("multi_process_fit.py", 2, tmp_path, SAVE_AS=checkpoint)
     assert int(one["devices"]) == int(two["devices"]) == 4
     assert int(two["slot_shard"]) == 8 * 16 // 4  # the hidden kernel's slots, split 4 ways
     pairs = zip(weight_arrays(one), weight_arrays(two), strict=True)
+    assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
+    # Saved by both processes after epoch 1 (the sharded slots gathered), loaded
+    # by one process of 4 devices for epoch 2: it ends where the 2 processes did.
+    resumed = run_processes("multi_process_fit.py", 1, tmp_path, RESUME=checkpoint + ".0.keras")
+    pairs = zip(weight_arrays(resumed), weight_arrays(two), strict=True)
     assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
 
 
