@@ -1,6 +1,7 @@
 """The host path on the JAX backend: the kernel as an XLA custom call on the
 variables' buffers inside the compiled step (in place when they are donated,
-as Keras's trainer does); with offloaded state, an ordered host callback."""
+as Keras's trainer does); with offloaded state, the same call on the host
+arrays by reference on CPU, and an ordered host callback on accelerators."""
 
 from __future__ import annotations
 
