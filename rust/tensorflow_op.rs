@@ -518,7 +518,7 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         // SAFETY: the caller's contract.
         return unsafe { run_host_state(api, options, id, ctx) };
     }
-    let status = StatusBox::new(api);
+    let call = Call::new(api, ctx);
     // SAFETY: the caller's contract.
     let inputs = unsafe { (api.num_inputs)(ctx) }.max(0) as usize;
     let written = inputs.saturating_sub(TRAILING_INPUTS);
@@ -528,55 +528,25 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
             written.saturating_sub(3)
         ));
     }
-    let input = |index: usize| -> Result<TensorRef<'_>, String> {
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: index < inputs; TF hands back a new reference, ours to delete.
-        unsafe { (api.input)(ctx, index as c_int, &mut raw, status.raw) };
-        status.check(&format!("input {index}"))?;
-        Ok(TensorRef { api, raw })
-    };
-    let sources = (0..written).map(input).collect::<Result<Vec<_>, _>>()?;
-    let grads = input(written)?;
-    let step = input(written + 1)?;
-    let rates = input(written + 2)?;
-
-    let dims = sources[0].dims();
-    for (name, tensor) in WRITTEN.iter().zip(&sources).chain([(&"grads", &grads)]) {
-        if tensor.dtype() != DTYPE_FLOAT {
-            return Err(format!("{name} must be float32"));
-        }
-        if tensor.dims() != dims {
-            return Err(format!(
-                "{name} has shape {:?} where params has {dims:?}",
-                tensor.dims()
-            ));
-        }
-        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
-            return Err(format!("{name} is not an aligned float32 buffer"));
-        }
-    }
+    let sources = (0..written)
+        .map(|index| call.input(index))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grads = call.input(written)?;
+    let step = call.input(written + 1)?;
+    let rates = call.input(written + 2)?;
+    let named = WRITTEN
+        .iter()
+        .copied()
+        .zip(&sources)
+        .chain([("grads", &grads)]);
+    let dims = check_float_inputs(named)?;
     let constants = step_constants(options, &step, &rates)?;
     let level = simd::active_level().map_err(|e| e.to_string())?;
 
     // Checked: allocate the results, which TF hands on as the op's outputs.
     let len = sources[0].len();
     let outputs = (0..written)
-        .map(|index| {
-            // SAFETY: index < the op's outputs; TF allocates, the reference is ours to delete.
-            let raw = unsafe {
-                (api.allocate_output)(
-                    ctx,
-                    index as c_int,
-                    DTYPE_FLOAT,
-                    dims.as_ptr(),
-                    dims.len() as c_int,
-                    len * size_of::<f32>(),
-                    status.raw,
-                )
-            };
-            status.check(&format!("allocating new_{}", WRITTEN[index]))?;
-            Ok(TensorRef { api, raw })
-        })
+        .map(|index| call.allocate(index, &dims, WRITTEN[index]))
         .collect::<Result<Vec<_>, String>>()?;
 
     let region = |t: &TensorRef<'_>, written: bool, label: &'static str| Region {
@@ -625,6 +595,72 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
     Ok(())
 }
 
+/// One kernel call: its inputs and outputs, errors reported through one status.
+struct Call<'a> {
+    api: &'a Api,
+    ctx: *mut OpKernelContext,
+    status: StatusBox<'a>,
+}
+
+impl<'a> Call<'a> {
+    fn new(api: &'a Api, ctx: *mut OpKernelContext) -> Self {
+        let status = StatusBox::new(api);
+        Self { api, ctx, status }
+    }
+
+    /// Input `index`; TF hands back a new reference, deleted with the TensorRef.
+    fn input(&self, index: usize) -> Result<TensorRef<'a>, String> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: TF's live context for the call; TF reports a bad index in the status.
+        unsafe { (self.api.input)(self.ctx, index as c_int, &mut raw, self.status.raw) };
+        self.status.check(&format!("input {index}"))?;
+        Ok(TensorRef { api: self.api, raw })
+    }
+
+    /// Output `index`, a float32 tensor of `dims` that TF allocates fresh.
+    fn allocate(&self, index: usize, dims: &[i64], name: &str) -> Result<TensorRef<'a>, String> {
+        let len = dims.iter().product::<i64>().max(0) as usize;
+        // SAFETY: TF's live context for the call; TF reports a bad index in the status.
+        let raw = unsafe {
+            (self.api.allocate_output)(
+                self.ctx,
+                index as c_int,
+                DTYPE_FLOAT,
+                dims.as_ptr(),
+                dims.len() as c_int,
+                len * size_of::<f32>(),
+                self.status.raw,
+            )
+        };
+        self.status.check(&format!("allocating new_{name}"))?;
+        Ok(TensorRef { api: self.api, raw })
+    }
+}
+
+/// Checks that the named inputs are aligned float32 tensors of the first one's
+/// shape; returns that shape.
+fn check_float_inputs<'t>(
+    named: impl IntoIterator<Item = (&'t str, &'t TensorRef<'t>)>,
+) -> Result<Vec<i64>, String> {
+    let mut dims = None;
+    for (name, tensor) in named {
+        let first = dims.get_or_insert_with(|| tensor.dims());
+        if tensor.dtype() != DTYPE_FLOAT {
+            return Err(format!("{name} must be float32"));
+        }
+        if tensor.dims() != *first {
+            return Err(format!(
+                "{name} has shape {:?} where params has {first:?}",
+                tensor.dims()
+            ));
+        }
+        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
+            return Err(format!("{name} is not an aligned float32 buffer"));
+        }
+    }
+    Ok(dims.unwrap_or_default())
+}
+
 /// The step constants from the `step` and `rates` inputs and the options.
 fn step_constants(
     options: &Options,
@@ -667,31 +703,10 @@ unsafe fn run_host_state(
     id: u64,
     ctx: *mut OpKernelContext,
 ) -> Result<(), String> {
-    let status = StatusBox::new(api);
-    let input = |index: usize| -> Result<TensorRef<'_>, String> {
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: index < the op's 4 inputs; TF hands back a new reference, ours to delete.
-        unsafe { (api.input)(ctx, index as c_int, &mut raw, status.raw) };
-        status.check(&format!("input {index}"))?;
-        Ok(TensorRef { api, raw })
-    };
-    let (params, grads) = (input(0)?, input(1)?);
-    let constants = step_constants(options, &input(2)?, &input(3)?)?;
-    let dims = params.dims();
-    for (name, tensor) in [("params", &params), ("grads", &grads)] {
-        if tensor.dtype() != DTYPE_FLOAT {
-            return Err(format!("{name} must be float32"));
-        }
-        if tensor.dims() != dims {
-            return Err(format!(
-                "{name} has shape {:?} where params has {dims:?}",
-                tensor.dims()
-            ));
-        }
-        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
-            return Err(format!("{name} is not an aligned float32 buffer"));
-        }
-    }
+    let call = Call::new(api, ctx);
+    let (params, grads) = (call.input(0)?, call.input(1)?);
+    let constants = step_constants(options, &call.input(2)?, &call.input(3)?)?;
+    let dims = check_float_inputs([("params", &params), ("grads", &grads)])?;
     let len = params.len();
     let state = host_state::lookup(id)
         .ok_or_else(|| format!("host_state {id} is not registered (its HostState was freed)"))?;
@@ -707,20 +722,7 @@ unsafe fn run_host_state(
         }
     }
     let level = simd::active_level().map_err(|e| e.to_string())?;
-    // SAFETY: the op's one output; TF allocates, the reference is ours to delete.
-    let raw = unsafe {
-        (api.allocate_output)(
-            ctx,
-            0,
-            DTYPE_FLOAT,
-            dims.as_ptr(),
-            dims.len() as c_int,
-            len * size_of::<f32>(),
-            status.raw,
-        )
-    };
-    status.check("allocating new_params")?;
-    let output = TensorRef { api, raw };
+    let output = call.allocate(0, &dims, "params")?;
 
     let bytes = len * size_of::<f32>();
     let region = |start: usize, written: bool, label: &'static str| Region {

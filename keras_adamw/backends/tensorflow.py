@@ -221,8 +221,12 @@ class HostPath:
         for rates, positions in self.group_rates(learning_rate, indices):
             for k in positions:
                 if indices[k] not in self.host_states:
-                    lists = ([s[k]] if s is not None else None for s in slots)
-                    self.host_states[indices[k]] = HostState(*lists)  # type: ignore[arg-type]
+                    momenta, velocities, velocity_hats = slots
+                    self.host_states[indices[k]] = HostState(
+                        [momenta[k]],
+                        [velocities[k]],
+                        None if velocity_hats is None else [velocity_hats[k]],
+                    )
                 new_params = op(
                     params=variables[k].value,
                     grads=tf.cast(grads[k], tf.float32),
