@@ -45,6 +45,9 @@ def adamw_update(
     amsgrad_max: list[Any] | None,
     hyperparameters: Hyperparameters,
     read_from: list[list[Any]] | None,
+    param_copies: list[Any] | None,
+    rounding: str,
+    seed: int,
 ) -> None: ...
 def check_hyperparameters(hyperparameters: Hyperparameters) -> None: ...
 def read_modify_write(

@@ -1,8 +1,11 @@
 """AdamW on host (CPU) memory, in place, in Rust: no Keras needed.
 
 `adamw_update` is one step over lists of arrays the caller owns; `HostAdamW`
-owns the optimizer state and counts the steps. Both take NumPy float32 arrays
-and torch CPU float32 tensors (zero-copy), C-contiguous and writable.
+owns the optimizer state and counts the steps. Both take NumPy arrays and
+torch CPU tensors (zero-copy), C-contiguous and writable, of float32,
+bfloat16 (``ml_dtypes.bfloat16``, ``torch.bfloat16``) or float16: the update
+computes in float32 and rounds what it stores in a 16-bit type to nearest
+even, or stochastically (``rounding="stochastic"``).
 
 The update, for each element (``t`` = ``step``, ``g`` already divided by
 ``grad_scale`` and negated under ``maximize``)::
@@ -61,8 +64,14 @@ def _host_view(x: Any, label: str) -> Any:
         if isinstance(x, torch.Tensor):
             if x.device.type != "cpu":
                 raise ValueError(f"{label} is on {x.device}: host arrays must be on the CPU")
-            if x.dtype != torch.float32:
-                raise TypeError(f"{label} must have dtype float32, got {x.dtype}")
+            if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' is the same bits
+                import ml_dtypes
+
+                return x.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            if x.dtype not in (torch.float32, torch.float16):
+                raise TypeError(
+                    f"{label} must have dtype float32, bfloat16 or float16, got {x.dtype}"
+                )
             return x.detach().numpy()
     return x
 
@@ -94,13 +103,18 @@ def adamw_update(
     maximize: bool = False,
     grad_scale: float | None = None,
     read_from: Sequence[Any] | None = None,
+    param_copies: Any = None,
+    rounding: str = "nearest",
+    seed: int = 0,
 ) -> None:
     """One AdamW step, in place, over a list of tensors (or one array).
 
     Args:
-        params, grads, exp_avgs, exp_avg_sqs: parallel lists of float32
-            C-contiguous arrays of matching shapes; all but ``grads`` are updated
-            in place. ``exp_avgs``/``exp_avg_sqs`` start at zero.
+        params, grads, exp_avgs, exp_avg_sqs: parallel lists of C-contiguous
+            arrays of matching shapes; all but ``grads`` are updated in place.
+            ``exp_avgs``/``exp_avg_sqs`` start at zero. ``params`` and
+            ``grads`` may be float32, bfloat16 or float16 (each array its own);
+            a tensor's state (with ``amsgrad_max``) is float32 or bfloat16.
         step: the 1-based count of this update (bias correction).
         epsilon_mode: ``"keras"`` (ε added to √v, as ``keras.optimizers.AdamW``)
             or ``"torch"`` (ε added to √v̂, as ``torch.optim.AdamW``).
@@ -118,7 +132,19 @@ def adamw_update(
             ``amsgrad_max`` with AMSGrad), lists shaped like the arguments above,
             holding the current values; those are left unchanged and the step's
             results are written into the arguments above, whose contents are
-            not read. Each chunk is copied and updated in one pass.
+            not read. Each chunk is copied and updated in one pass. Float32
+            only.
+        param_copies: bfloat16 or float16 arrays parallel to float32
+            ``params`` (the master weights): each receives its params' new
+            values rounded to nearest, in the same pass.
+        rounding: how values stored in a 16-bit type are rounded:
+            ``"nearest"`` (even) or ``"stochastic"`` (up with probability equal
+            to the dropped fraction, so unbiased: for 16-bit params kept
+            without a master copy, and bfloat16 state). Needs a 16-bit
+            ``params`` or state array.
+        seed: stochastic rounding's key, with the step and each element's
+            position: results are the same for any SIMD level or thread count,
+            and from run to run.
 
     Raises ``TypeError``/``ValueError`` naming the bad argument before any
     array is written.
@@ -145,7 +171,18 @@ def adamw_update(
         None
         if read_from is None
         else [_as_list(x, f"read_from[{i}]") for i, x in enumerate(read_from)],
+        None if param_copies is None else _as_list(param_copies, "param_copies"),
+        rounding,
+        _seed(seed),
     )
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)
 
 
 class HostAdamW:

@@ -3,17 +3,19 @@
 //! arithmetic, run on the same threads and chunks as the kernel.
 
 use crate::parallel::for_each_chunk;
-use crate::TensorSlices;
+use crate::{Elements, ElementsRef, TensorSlices};
 
 #[inline(always)]
 fn plain_loop(t: TensorSlices<'_>) {
-    let TensorSlices {
-        params,
-        grads,
-        exp_avg,
-        exp_avg_sq,
-        ..
-    } = t;
+    let (
+        Elements::F32(params),
+        ElementsRef::F32(grads),
+        Elements::F32(exp_avg),
+        Elements::F32(exp_avg_sq),
+    ) = (t.params, t.grads, t.exp_avg, t.exp_avg_sq)
+    else {
+        unreachable!("the plain loop is float32 (checked by its caller)")
+    };
     for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(exp_avg).zip(exp_avg_sq) {
         *p += g;
         *m += g;

@@ -1,6 +1,8 @@
 //! keras_adamw's host kernel: the AdamW update in place on host memory, in one
 //! pass, with SIMD chosen at run time and many tensors in one parallel dispatch.
 //!
+//! - `dtype`: the element types (float32, bfloat16, float16), their
+//!   conversions and stochastic rounding, written once over `simd::Lanes`;
 //! - `math`: hyperparameters, step constants, and the element update, written
 //!   once over `simd::Lanes` (on `f32`, the scalar reference);
 //! - `simd`: the `Lanes` trait, each instruction set's vector, the loop over
@@ -16,6 +18,7 @@
 
 pub mod aliasing;
 pub mod bandwidth;
+pub mod dtype;
 pub mod host_state;
 pub mod in_flight;
 pub mod math;
@@ -27,6 +30,8 @@ pub mod simd;
 pub mod tensorflow_op;
 pub mod xla_ffi;
 
+pub use dtype::stochastic::Rounding;
+pub use dtype::{Bf16, DType, Elements, ElementsRef, F16};
 pub use math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 pub use parallel::{adamw_step, adamw_step_from};
 pub use simd::SimdLevel;
@@ -34,22 +39,48 @@ pub use simd::SimdLevel;
 /// One tensor's parameters, gradient and optimizer state, all the same length.
 #[derive(Debug)]
 pub struct TensorSlices<'a> {
-    pub params: &'a mut [f32],
-    pub grads: &'a [f32],
-    pub exp_avg: &'a mut [f32],
-    pub exp_avg_sq: &'a mut [f32],
+    pub params: Elements<'a>,
+    pub grads: ElementsRef<'a>,
+    /// The state, all of one dtype.
+    pub exp_avg: Elements<'a>,
+    pub exp_avg_sq: Elements<'a>,
     /// The running maximum of `exp_avg_sq`: present when AMSGrad is on.
-    pub max_exp_avg_sq: Option<&'a mut [f32]>,
+    pub max_exp_avg_sq: Option<Elements<'a>>,
+    /// Receives the new params rounded to its 16-bit dtype, in the same pass
+    /// (the float32 params are then the master copy).
+    pub param_copy: Option<Elements<'a>>,
+    /// The tensor's position in the step, and the index of the first element
+    /// here in it: the counter of stochastic rounding's random bits.
+    pub tensor: u64,
+    pub start: u64,
 }
 
 impl<'a> TensorSlices<'a> {
-    /// Groups one tensor's slices, checking that their lengths agree.
+    /// Groups one float32 tensor's slices, checking that their lengths agree.
     pub fn new(
         params: &'a mut [f32],
         grads: &'a [f32],
         exp_avg: &'a mut [f32],
         exp_avg_sq: &'a mut [f32],
         max_exp_avg_sq: Option<&'a mut [f32]>,
+    ) -> Result<Self, InvalidArgument> {
+        Self::of_elements(
+            Elements::F32(params),
+            ElementsRef::F32(grads),
+            Elements::F32(exp_avg),
+            Elements::F32(exp_avg_sq),
+            max_exp_avg_sq.map(Elements::F32),
+        )
+    }
+
+    /// Groups one tensor's slices of any dtypes, checking that their lengths
+    /// agree and that the state is of one dtype.
+    pub fn of_elements(
+        params: Elements<'a>,
+        grads: ElementsRef<'a>,
+        exp_avg: Elements<'a>,
+        exp_avg_sq: Elements<'a>,
+        max_exp_avg_sq: Option<Elements<'a>>,
     ) -> Result<Self, InvalidArgument> {
         let n = params.len();
         let lengths = [
@@ -58,7 +89,7 @@ impl<'a> TensorSlices<'a> {
             ("exp_avg_sqs", exp_avg_sq.len()),
             (
                 "amsgrad_max",
-                max_exp_avg_sq.as_ref().map_or(n, |s| s.len()),
+                max_exp_avg_sq.as_ref().map_or(n, Elements::len),
             ),
         ];
         for (name, len) in lengths {
@@ -69,13 +100,70 @@ impl<'a> TensorSlices<'a> {
                 ));
             }
         }
+        let state = exp_avg.dtype();
+        let others = [
+            ("exp_avg_sqs", Some(exp_avg_sq.dtype())),
+            ("amsgrad_max", max_exp_avg_sq.as_ref().map(Elements::dtype)),
+        ];
+        for (name, dtype) in others {
+            if let Some(dtype) = dtype.filter(|&dtype| dtype != state) {
+                return Err(InvalidArgument::new(
+                    name,
+                    format!(
+                        "has dtype {} where exp_avgs has {}: the state is of one dtype",
+                        dtype.name(),
+                        state.name()
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             params,
             grads,
             exp_avg,
             exp_avg_sq,
             max_exp_avg_sq,
+            param_copy: None,
+            tensor: 0,
+            start: 0,
         })
+    }
+
+    /// Adds a 16-bit copy of float32 params, written in the same pass.
+    pub fn with_param_copy(mut self, copy: Elements<'a>) -> Result<Self, InvalidArgument> {
+        if self.params.dtype() != DType::F32 {
+            return Err(InvalidArgument::new(
+                "param_copies",
+                format!(
+                    "need float32 params (the master copy), got {}",
+                    self.params.dtype().name()
+                ),
+            ));
+        }
+        if copy.dtype() == DType::F32 {
+            return Err(InvalidArgument::new(
+                "param_copies",
+                "must be bfloat16 or float16, got float32",
+            ));
+        }
+        if copy.len() != self.len() {
+            return Err(InvalidArgument::new(
+                "param_copies",
+                format!(
+                    "has {} elements where params has {}",
+                    copy.len(),
+                    self.len()
+                ),
+            ));
+        }
+        self.param_copy = Some(copy);
+        Ok(self)
+    }
+
+    /// Numbers the tensor within its step (for stochastic rounding).
+    pub fn at_tensor(mut self, index: usize) -> Self {
+        self.tensor = index as u64;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -88,17 +176,19 @@ impl<'a> TensorSlices<'a> {
 
     /// Splits every slice at `mid`.
     pub fn split_at(self, mid: usize) -> (Self, Self) {
-        let (p0, p1) = self.params.split_at_mut(mid);
+        let (p0, p1) = self.params.split_at(mid);
         let (g0, g1) = self.grads.split_at(mid);
-        let (m0, m1) = self.exp_avg.split_at_mut(mid);
-        let (v0, v1) = self.exp_avg_sq.split_at_mut(mid);
-        let (x0, x1) = match self.max_exp_avg_sq {
+        let (m0, m1) = self.exp_avg.split_at(mid);
+        let (v0, v1) = self.exp_avg_sq.split_at(mid);
+        let split = |x: Option<Elements<'a>>| match x {
             Some(x) => {
-                let (x0, x1) = x.split_at_mut(mid);
+                let (x0, x1) = x.split_at(mid);
                 (Some(x0), Some(x1))
             }
             None => (None, None),
         };
+        let (x0, x1) = split(self.max_exp_avg_sq);
+        let (c0, c1) = split(self.param_copy);
         (
             Self {
                 params: p0,
@@ -106,6 +196,9 @@ impl<'a> TensorSlices<'a> {
                 exp_avg: m0,
                 exp_avg_sq: v0,
                 max_exp_avg_sq: x0,
+                param_copy: c0,
+                tensor: self.tensor,
+                start: self.start,
             },
             Self {
                 params: p1,
@@ -113,6 +206,9 @@ impl<'a> TensorSlices<'a> {
                 exp_avg: m1,
                 exp_avg_sq: v1,
                 max_exp_avg_sq: x1,
+                param_copy: c1,
+                tensor: self.tensor,
+                start: self.start + mid as u64,
             },
         )
     }
@@ -131,17 +227,22 @@ pub struct Sources<'a> {
 }
 
 impl<'a> Sources<'a> {
-    /// Copies the sources into the slices they stand for.
+    /// Copies the sources into the slices they stand for (float32 ones: the
+    /// out-of-place step is float32 only, which its callers check).
     pub fn copy_into(&self, t: &mut TensorSlices<'_>) {
-        t.params.copy_from_slice(self.params);
+        let copy = |to: Option<&mut [f32]>, from: &[f32]| {
+            to.expect("an out-of-place step is float32")
+                .copy_from_slice(from)
+        };
+        copy(t.params.as_f32(), self.params);
         if let Some(from) = self.exp_avg {
-            t.exp_avg.copy_from_slice(from);
+            copy(t.exp_avg.as_f32(), from);
         }
         if let Some(from) = self.exp_avg_sq {
-            t.exp_avg_sq.copy_from_slice(from);
+            copy(t.exp_avg_sq.as_f32(), from);
         }
-        if let (Some(from), Some(to)) = (self.max_exp_avg_sq, t.max_exp_avg_sq.as_deref_mut()) {
-            to.copy_from_slice(from);
+        if let (Some(from), Some(to)) = (self.max_exp_avg_sq, t.max_exp_avg_sq.as_mut()) {
+            copy(to.as_f32(), from);
         }
     }
 

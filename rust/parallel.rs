@@ -2,6 +2,7 @@
 //! the chunks of all tensors share one pass of the thread pool, so a thousand
 //! small tensors cost about what one large tensor of the same size does.
 
+use crate::dtype::stochastic::Rounding;
 use crate::math::{InvalidArgument, StepConstants};
 use crate::simd::{self, SimdLevel};
 use crate::{Sources, TensorSlices};
@@ -101,11 +102,16 @@ pub fn set_num_threads(threads: usize) -> Result<(), InvalidArgument> {
 /// Each element's result is independent of the thread count and of how the
 /// data is split into tensors: chunk edges only move where the scalar tail runs,
 /// and the tail computes exactly what the vector body does.
-pub fn adamw_step(tensors: Vec<TensorSlices<'_>>, c: &StepConstants, level: SimdLevel) {
-    for_each_chunk(tensors, |t| simd::update(level, t, c));
+pub fn adamw_step(
+    tensors: Vec<TensorSlices<'_>>,
+    c: &StepConstants,
+    rounding: Rounding,
+    level: SimdLevel,
+) {
+    for_each_chunk(tensors, |t| simd::update(level, t, c, rounding));
 }
 
-/// The same step out of place: each chunk of `sources` is copied into its
+/// The same step out of place (float32 only): each chunk of `sources` is copied into its
 /// tensors' chunk, then updated there while it is still in cache.
 pub fn adamw_step_from(
     pairs: Vec<(Sources<'_>, TensorSlices<'_>)>,
@@ -114,7 +120,7 @@ pub fn adamw_step_from(
 ) {
     for_each_chunk(pairs, |(sources, mut t)| {
         sources.copy_into(&mut t);
-        simd::update(level, t, c)
+        simd::update(level, t, c, Rounding::Nearest)
     });
 }
 

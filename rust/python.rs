@@ -5,9 +5,11 @@ use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
 use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
+use crate::{DType, Elements, ElementsRef, Rounding};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
+use numpy::npyffi::types::NPY_TYPES::{NPY_FLOAT, NPY_HALF};
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
-use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyCapsule, PyDict, PyInt};
@@ -25,22 +27,39 @@ fn invalid(argument: String, problem: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("{argument} {problem}"))
 }
 
-/// One argument list (`params`, `grads`, ...) as float32 C-contiguous aligned
-/// arrays, writable where the update writes them.
+/// One argument list (`params`, `grads`, ...) as C-contiguous aligned arrays
+/// of the dtypes it allows, writable where the update writes them.
 struct ArrayList<'py> {
     name: &'static str,
-    arrays: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    arrays: Vec<HostArray<'py>>,
 }
 
+/// One array and its dtype.
+struct HostArray<'py> {
+    array: Bound<'py, PyUntypedArray>,
+    dtype: DType,
+}
+
+const FLOAT32: &[DType] = &[DType::F32];
+const FLOATS: &[DType] = &[DType::F32, DType::Bf16, DType::F16];
+/// float16's range is too narrow for second moments (g² of 1e-4 underflows).
+const STATE: &[DType] = &[DType::F32, DType::Bf16];
+const HALVES: &[DType] = &[DType::Bf16, DType::F16];
+
 impl<'py> ArrayList<'py> {
-    fn new(name: &'static str, objects: &[Bound<'py, PyAny>], written: bool) -> PyResult<Self> {
+    fn new(
+        name: &'static str,
+        objects: &[Bound<'py, PyAny>],
+        written: bool,
+        allowed: &[DType],
+    ) -> PyResult<Self> {
         if objects.is_empty() {
             return Err(invalid(name.into(), "is empty: pass at least one array"));
         }
         let arrays = objects
             .iter()
             .enumerate()
-            .map(|(i, object)| as_f32_array(object, || format!("{name}[{i}]"), written))
+            .map(|(i, object)| host_array(object, || format!("{name}[{i}]"), written, allowed))
             .collect::<PyResult<_>>()?;
         Ok(Self { name, arrays })
     }
@@ -60,14 +79,14 @@ impl<'py> ArrayList<'py> {
                 ),
             ));
         }
-        for (i, (array, param)) in self.arrays.iter().zip(&params.arrays).enumerate() {
-            if array.shape() != param.shape() {
+        for (i, (a, param)) in self.arrays.iter().zip(&params.arrays).enumerate() {
+            if a.array.shape() != param.array.shape() {
                 return Err(invalid(
                     self.label(i),
                     format!(
                         "has shape {:?} where params[{i}] has shape {:?}",
-                        array.shape(),
-                        param.shape()
+                        a.array.shape(),
+                        param.array.shape()
                     ),
                 ));
             }
@@ -75,52 +94,94 @@ impl<'py> ArrayList<'py> {
         Ok(())
     }
 
-    /// Address ranges, labelled (list name, index) so no string is built unless one overlaps.
-    fn regions(&self, written: bool) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
-        self.arrays
-            .iter()
-            .enumerate()
-            .map(move |(i, array)| Region {
-                start: array.data() as usize,
-                len_bytes: array.len() * size_of::<f32>(),
-                written,
-                label: (self.name, i),
-            })
+    /// Every array's dtype is in `allowed` (a narrower rule than the list's own).
+    fn check_dtypes(&self, allowed: &[DType], why: &str) -> PyResult<()> {
+        match self.arrays.iter().position(|a| !allowed.contains(&a.dtype)) {
+            None => Ok(()),
+            Some(i) => Err(PyTypeError::new_err(format!(
+                "{} must be {} {why}, got {}",
+                self.label(i),
+                dtype_names(allowed),
+                self.arrays[i].dtype.name()
+            ))),
+        }
     }
 
-    fn slices(&self) -> Vec<&[f32]> {
-        self.arrays.iter().map(|array| as_slice(array)).collect()
+    /// Address ranges, labelled (list name, index) so no string is built unless one overlaps.
+    fn regions(&self, written: bool) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
+        self.arrays.iter().enumerate().map(move |(i, a)| Region {
+            start: data(&a.array) as usize,
+            len_bytes: a.array.len() * a.dtype.size(),
+            written,
+            label: (self.name, i),
+        })
+    }
+
+    fn elements(&self) -> Vec<ElementsRef<'_>> {
+        self.arrays.iter().map(HostArray::elements).collect()
+    }
+
+    /// The float32 slices of a list checked to be float32.
+    fn f32_slices(&self) -> Vec<&[f32]> {
+        let f32_slice = |a| HostArray::elements(a).as_f32().expect("checked float32");
+        self.arrays.iter().map(f32_slice).collect()
     }
 
     /// # Safety
     /// The arrays must be writable and share no memory with any other slice in use.
-    unsafe fn slices_mut(&mut self) -> Vec<&mut [f32]> {
+    unsafe fn elements_mut(&mut self) -> Vec<Elements<'_>> {
         // SAFETY: the caller's contract.
         self.arrays
             .iter_mut()
-            .map(|array| unsafe { as_slice_mut(array) })
+            .map(|a| unsafe { a.elements_mut() })
             .collect()
     }
 }
 
-fn as_f32_array<'py>(
+fn dtype_names(dtypes: &[DType]) -> String {
+    let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+    match names.as_slice() {
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+        [] => String::new(),
+    }
+}
+
+/// The dtype of a NumPy dtype the kernel knows (bfloat16 is ml_dtypes's).
+fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<Option<DType>> {
+    Ok(match descr.num() {
+        num if num == NPY_FLOAT as i32 => Some(DType::F32),
+        num if num == NPY_HALF as i32 => Some(DType::F16),
+        _ if descr.itemsize() == 2 && descr.typeobj().name()? == "bfloat16" => Some(DType::Bf16),
+        _ => None,
+    })
+}
+
+fn host_array<'py>(
     object: &Bound<'py, PyAny>,
     label: impl Fn() -> String,
     written: bool,
-) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let Ok(array) = object.cast::<PyArrayDyn<f32>>() else {
-        return Err(match object.cast::<PyUntypedArray>() {
-            Ok(other) => PyTypeError::new_err(format!(
-                "{} must have dtype float32, got {}",
+    allowed: &[DType],
+) -> PyResult<HostArray<'py>> {
+    let Ok(array) = object.cast::<PyUntypedArray>() else {
+        return Err(PyTypeError::new_err(format!(
+            "{} must be a NumPy array or torch CPU tensor of {}, got {}",
+            label(),
+            dtype_names(allowed),
+            object.get_type().name()?
+        )));
+    };
+    let descr = array.dtype();
+    let dtype = match dtype_of(&descr)? {
+        Some(dtype) if allowed.contains(&dtype) => dtype,
+        _ => {
+            return Err(PyTypeError::new_err(format!(
+                "{} must have dtype {}, got {}",
                 label(),
-                other.dtype()
-            )),
-            Err(_) => PyTypeError::new_err(format!(
-                "{} must be a float32 NumPy array or torch CPU tensor, got {}",
-                label(),
-                object.get_type().name()?
-            )),
-        });
+                dtype_names(allowed),
+                descr
+            )))
+        }
     };
     if !array.is_c_contiguous() {
         return Err(invalid(
@@ -129,37 +190,81 @@ fn as_f32_array<'py>(
         ));
     }
     if !array.is_aligned() {
-        return Err(invalid(label(), "is not aligned to 4 bytes"));
+        return Err(invalid(
+            label(),
+            format!("is not aligned to {} bytes", dtype.size()),
+        ));
     }
     if written && !is_writeable(array) {
         return Err(invalid(label(), "is read-only"));
     }
-    Ok(array.clone())
+    Ok(HostArray {
+        array: array.clone(),
+        dtype,
+    })
 }
 
-fn is_writeable(array: &Bound<'_, PyArrayDyn<f32>>) -> bool {
+fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
     // SAFETY: `array` is a live ndarray and we hold the GIL.
     let flags = unsafe { (*_PyArray_GET_ITEM_DATA(array.as_array_ptr())).flags };
     flags & NPY_ARRAY_WRITEABLE != 0
 }
 
-/// The array's elements. The arrays were checked C-contiguous, aligned float32.
-fn as_slice<'a>(array: &'a Bound<'_, PyArrayDyn<f32>>) -> &'a [f32] {
-    if array.is_empty() {
+/// The address of an array's first element.
+fn data(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
+    // SAFETY: `array` is a live ndarray and we hold the GIL.
+    unsafe { (*array.as_array_ptr()).fields.data.cast() }
+}
+
+/// `len` elements of `T` at `data`, or none.
+///
+/// # Safety
+/// An aligned, C-contiguous array of `len` elements of `T` must live at `data` for `'a`.
+unsafe fn slice<'a, T>(data: *mut u8, len: usize) -> &'a [T] {
+    if len == 0 {
         return &[];
     }
-    // SAFETY: a live, aligned, C-contiguous float32 array holds len() elements at data().
-    unsafe { std::slice::from_raw_parts(array.data(), array.len()) }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(data.cast(), len) }
 }
 
 /// # Safety
-/// `array` must be writable and share no memory with any other slice in use.
-unsafe fn as_slice_mut<'a>(array: &'a mut Bound<'_, PyArrayDyn<f32>>) -> &'a mut [f32] {
-    if array.is_empty() {
+/// As for `slice`, and nothing else may use the elements during `'a`.
+unsafe fn slice_mut<'a, T>(data: *mut u8, len: usize) -> &'a mut [T] {
+    if len == 0 {
         return &mut [];
     }
-    // SAFETY: as in as_slice; exclusive by the caller's contract.
-    unsafe { std::slice::from_raw_parts_mut(array.data(), array.len()) }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(data.cast(), len) }
+}
+
+impl HostArray<'_> {
+    /// The elements, as the checked dtype says (C-contiguous and aligned, checked).
+    fn elements(&self) -> ElementsRef<'_> {
+        let (data, len) = (data(&self.array), self.array.len());
+        // SAFETY: a live, checked array of `len` elements of its dtype, borrowed with `self`.
+        unsafe {
+            match self.dtype {
+                DType::F32 => ElementsRef::F32(slice(data, len)),
+                DType::Bf16 => ElementsRef::Bf16(slice(data, len)),
+                DType::F16 => ElementsRef::F16(slice(data, len)),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The array must be writable and share no memory with any other slice in use.
+    unsafe fn elements_mut(&mut self) -> Elements<'_> {
+        let (data, len) = (data(&self.array), self.array.len());
+        // SAFETY: as in `elements`; exclusive by the caller's contract.
+        unsafe {
+            match self.dtype {
+                DType::F32 => Elements::F32(slice_mut(data, len)),
+                DType::Bf16 => Elements::Bf16(slice_mut(data, len)),
+                DType::F16 => Elements::F16(slice_mut(data, len)),
+            }
+        }
+    }
 }
 
 /// The arrays of one call, checked against each other: shapes, and no memory
@@ -171,6 +276,8 @@ struct StepArrays<'py> {
     exp_avgs: ArrayList<'py>,
     exp_avg_sqs: ArrayList<'py>,
     amsgrad_max: Option<ArrayList<'py>>,
+    /// 16-bit copies of float32 params, written in the same pass.
+    param_copies: Option<ArrayList<'py>>,
     /// Out of place: the current params, exp_avgs, exp_avg_sqs (and amsgrad_max) to read.
     read_from: Vec<ArrayList<'py>>,
     /// Every array's address range, claimed while the kernel runs.
@@ -179,17 +286,21 @@ struct StepArrays<'py> {
 
 type Objects<'py> = Vec<Bound<'py, PyAny>>;
 
+/// The argument lists of one step, as Python passed them.
+struct StepObjects<'py> {
+    params: Objects<'py>,
+    grads: Objects<'py>,
+    exp_avgs: Objects<'py>,
+    exp_avg_sqs: Objects<'py>,
+    amsgrad_max: Option<Objects<'py>>,
+    param_copies: Option<Objects<'py>>,
+    read_from: Option<Vec<Objects<'py>>>,
+}
+
 impl<'py> StepArrays<'py> {
-    fn new(
-        params: Objects<'py>,
-        grads: Objects<'py>,
-        exp_avgs: Objects<'py>,
-        exp_avg_sqs: Objects<'py>,
-        amsgrad_max: Option<Objects<'py>>,
-        read_from: Option<Vec<Objects<'py>>>,
-    ) -> PyResult<Self> {
-        let read_from = read_from.unwrap_or_default();
-        let expected = if amsgrad_max.is_some() { 4 } else { 3 };
+    fn new(objects: StepObjects<'py>) -> PyResult<Self> {
+        let read_from = objects.read_from.unwrap_or_default();
+        let expected = if objects.amsgrad_max.is_some() { 4 } else { 3 };
         if !read_from.is_empty() && read_from.len() != expected {
             return Err(invalid(
                 "read_from".into(),
@@ -207,25 +318,54 @@ impl<'py> StepArrays<'py> {
             "read_from amsgrad_max",
         ];
         let mut arrays = Self {
-            params: ArrayList::new("params", &params, true)?,
-            grads: ArrayList::new("grads", &grads, false)?,
-            exp_avgs: ArrayList::new("exp_avgs", &exp_avgs, true)?,
-            exp_avg_sqs: ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true)?,
-            amsgrad_max: amsgrad_max
-                .map(|list| ArrayList::new("amsgrad_max", &list, true))
+            params: ArrayList::new("params", &objects.params, true, FLOATS)?,
+            grads: ArrayList::new("grads", &objects.grads, false, FLOATS)?,
+            exp_avgs: ArrayList::new("exp_avgs", &objects.exp_avgs, true, STATE)?,
+            exp_avg_sqs: ArrayList::new("exp_avg_sqs", &objects.exp_avg_sqs, true, STATE)?,
+            amsgrad_max: objects
+                .amsgrad_max
+                .map(|list| ArrayList::new("amsgrad_max", &list, true, STATE))
+                .transpose()?,
+            param_copies: objects
+                .param_copies
+                .map(|list| ArrayList::new("param_copies", &list, true, HALVES))
                 .transpose()?,
             read_from: read_from
                 .iter()
                 .zip(SOURCE_NAMES)
-                .map(|(list, name)| ArrayList::new(name, list, false))
+                .map(|(list, name)| ArrayList::new(name, list, false, FLOAT32))
                 .collect::<PyResult<_>>()?,
             regions: Vec::new(),
         };
         let mut written = vec![&arrays.params, &arrays.exp_avgs, &arrays.exp_avg_sqs];
         written.extend(arrays.amsgrad_max.as_ref());
+        if !arrays.read_from.is_empty() {
+            for list in &written {
+                list.check_dtypes(FLOAT32, "out of place (with read_from)")?;
+            }
+        }
+        if arrays.param_copies.is_some() {
+            arrays
+                .params
+                .check_dtypes(FLOAT32, "with param_copies (the master copy)")?;
+        }
+        written.extend(arrays.param_copies.as_ref());
         let read = [&arrays.grads].into_iter().chain(&arrays.read_from);
         for list in written[1..].iter().copied().chain(read.clone()) {
             list.check_matches(&arrays.params)?;
+        }
+        let state = [&arrays.exp_avg_sqs].into_iter().chain(&arrays.amsgrad_max);
+        for list in state {
+            for (i, (a, m)) in list.arrays.iter().zip(&arrays.exp_avgs.arrays).enumerate() {
+                if a.dtype != m.dtype {
+                    return Err(PyTypeError::new_err(format!(
+                        "{} has dtype {} where exp_avgs[{i}] has {}: a tensor's state is of one dtype",
+                        list.label(i),
+                        a.dtype.name(),
+                        m.dtype.name()
+                    )));
+                }
+            }
         }
         let regions: Vec<Region<_>> = written
             .iter()
@@ -242,15 +382,23 @@ impl<'py> StepArrays<'py> {
         Ok(arrays)
     }
 
+    /// Whether the step stores anything in a 16-bit type (where rounding matters).
+    fn writes_16_bit(&self) -> bool {
+        [&self.params, &self.exp_avgs]
+            .iter()
+            .any(|list| list.arrays.iter().any(|a| a.dtype != DType::F32))
+    }
+
     /// One AdamW step, in place or from `read_from`, with the GIL released.
     fn step(
         self,
         py: Python<'_>,
         constants: &StepConstants,
+        rounding: Rounding,
         level: simd::SimdLevel,
     ) -> PyResult<()> {
         self.run(py, |tensors, sources| match sources {
-            None => parallel::adamw_step(tensors, constants, level),
+            None => parallel::adamw_step(tensors, constants, rounding, level),
             Some(sources) => parallel::adamw_step_from(
                 sources.into_iter().zip(tensors).collect(),
                 constants,
@@ -266,26 +414,33 @@ impl<'py> StepArrays<'py> {
     {
         // SAFETY: `new` checked that the written lists are writable and that no
         // written array shares memory with any other array of the call.
-        let (params, exp_avgs, exp_avg_sqs, amsgrad_max) = unsafe {
+        let (params, exp_avgs, exp_avg_sqs, amsgrad_max, param_copies) = unsafe {
             (
-                self.params.slices_mut(),
-                self.exp_avgs.slices_mut(),
-                self.exp_avg_sqs.slices_mut(),
-                self.amsgrad_max.as_mut().map(|list| list.slices_mut()),
+                self.params.elements_mut(),
+                self.exp_avgs.elements_mut(),
+                self.exp_avg_sqs.elements_mut(),
+                self.amsgrad_max.as_mut().map(|list| list.elements_mut()),
+                self.param_copies.as_mut().map(|list| list.elements_mut()),
             )
         };
         let mut amsgrad_max = amsgrad_max.map(Vec::into_iter);
+        let mut param_copies = param_copies.map(Vec::into_iter);
         let tensors = params
             .into_iter()
-            .zip(self.grads.slices())
+            .zip(self.grads.elements())
             .zip(exp_avgs)
             .zip(exp_avg_sqs)
-            .map(|(((p, g), m), v)| {
+            .enumerate()
+            .map(|(i, (((p, g), m), v))| {
                 let max_v = amsgrad_max.as_mut().and_then(Iterator::next);
-                TensorSlices::new(p, g, m, v, max_v)
+                let t = TensorSlices::of_elements(p, g, m, v, max_v)?.at_tensor(i);
+                match param_copies.as_mut().and_then(Iterator::next) {
+                    Some(copy) => t.with_param_copy(copy),
+                    None => Ok(t),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let lists: Vec<Vec<&[f32]>> = self.read_from.iter().map(ArrayList::slices).collect();
+        let lists: Vec<Vec<&[f32]>> = self.read_from.iter().map(ArrayList::f32_slices).collect();
         let sources = (!lists.is_empty()).then(|| {
             (0..tensors.len())
                 .map(|i| Sources {
@@ -442,11 +597,42 @@ fn adamw_update<'py>(
     amsgrad_max: Option<Objects<'py>>,
     hyperparameters: HyperparamsArg,
     read_from: Option<Vec<Objects<'py>>>,
+    param_copies: Option<Objects<'py>>,
+    rounding: &str,
+    seed: u64,
 ) -> PyResult<()> {
     let constants = hyperparameters.constants()?;
     let level = simd::active_level()?;
-    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, amsgrad_max, read_from)?;
-    arrays.step(py, &constants, level)
+    let arrays = StepArrays::new(StepObjects {
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        amsgrad_max,
+        param_copies,
+        read_from,
+    })?;
+    let rounding = match rounding {
+        "nearest" => Rounding::Nearest,
+        "stochastic" if arrays.writes_16_bit() => Rounding::Stochastic {
+            seed,
+            step: hyperparameters.step,
+        },
+        "stochastic" => {
+            return Err(invalid(
+                "rounding".into(),
+                "= 'stochastic' needs something to round: bfloat16 or float16 params, \
+                 or bfloat16 state (param_copies always round to nearest)",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                "rounding".into(),
+                format!("must be 'nearest' or 'stochastic', got {other:?}"),
+            ))
+        }
+    };
+    arrays.step(py, &constants, rounding, level)
 }
 
 /// The benchmark's ceiling: `p += g; m += g; v += g` in place, same threads and chunks.
@@ -458,7 +644,23 @@ fn read_modify_write<'py>(
     exp_avgs: Objects<'py>,
     exp_avg_sqs: Objects<'py>,
 ) -> PyResult<()> {
-    let arrays = StepArrays::new(params, grads, exp_avgs, exp_avg_sqs, None, None)?;
+    let arrays = StepArrays::new(StepObjects {
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        amsgrad_max: None,
+        param_copies: None,
+        read_from: None,
+    })?;
+    for list in [
+        &arrays.params,
+        &arrays.grads,
+        &arrays.exp_avgs,
+        &arrays.exp_avg_sqs,
+    ] {
+        list.check_dtypes(FLOAT32, "for the plain loop")?;
+    }
     arrays.run(py, |tensors, _| bandwidth::read_modify_write(tensors))
 }
 
@@ -482,23 +684,26 @@ fn register_host_state<'py>(
     amsgrad_max: Option<Objects<'py>>,
 ) -> PyResult<u64> {
     let mut lists = vec![
-        ArrayList::new("exp_avgs", &exp_avgs, true)?,
-        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true)?,
+        ArrayList::new("exp_avgs", &exp_avgs, true, FLOAT32)?,
+        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true, FLOAT32)?,
     ];
     if let Some(objects) = amsgrad_max {
-        lists.push(ArrayList::new("amsgrad_max", &objects, true)?);
+        lists.push(ArrayList::new("amsgrad_max", &objects, true, FLOAT32)?);
     }
     let buffers = lists
         .iter()
         .map(|list| {
-            let buffers = list.arrays.iter().map(|a| (a.data() as usize, a.len()));
+            let buffers = list
+                .arrays
+                .iter()
+                .map(|a| (data(&a.array) as usize, a.array.len()));
             buffers.collect()
         })
         .collect();
-    let owner: Vec<Py<PyArrayDyn<f32>>> = lists
+    let owner: Vec<Py<PyUntypedArray>> = lists
         .into_iter()
         .flat_map(|list| list.arrays)
-        .map(Bound::unbind)
+        .map(|a| a.array.unbind())
         .collect();
     Ok(host_state::register(buffers, Box::new(owner)))
 }

@@ -16,7 +16,7 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
-use crate::{host_state, in_flight, parallel, simd, TensorSlices};
+use crate::{host_state, in_flight, parallel, simd, Rounding, TensorSlices};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::mem::{offset_of, size_of};
 
@@ -663,7 +663,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
             TensorSlices::new(p, g, m, v, max_v)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    parallel::adamw_step(tensors, &constants, level);
+    parallel::adamw_step(tensors, &constants, Rounding::Nearest, level);
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! AVX-512F: 16 lanes.
 
-use super::{update_with, vector_arithmetic, Lanes};
+use super::{update_with, vector_arithmetic, Bits, Lanes};
+use crate::dtype::stochastic::Rounding;
 use crate::math::StepConstants;
 use crate::TensorSlices;
 use std::arch::x86_64::*;
@@ -8,13 +9,17 @@ use std::arch::x86_64::*;
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn update(t: TensorSlices<'_>, c: &StepConstants) {
-    update_with::<Avx512>(t, c);
+pub unsafe fn update(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
+    update_with::<Avx512>(t, c, rounding);
 }
 
 /// Made only inside `update`, so on a CPU with AVX-512F.
 #[derive(Clone, Copy)]
 struct Avx512(__m512);
+
+/// Made only inside `update`, like `Avx512`.
+#[derive(Clone, Copy)]
+struct Avx512Bits(__m512i);
 
 vector_arithmetic!(
     Avx512,
@@ -24,9 +29,13 @@ vector_arithmetic!(
     _mm512_div_ps
 );
 
-// SAFETY (every block below): a value of this type exists only inside `update`.
+// Round to nearest even whatever MXCSR says.
+const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+// SAFETY (every block below): a value of these types exists only inside `update`.
 impl Lanes for Avx512 {
     const LANES: usize = 16;
+    type Bits = Avx512Bits;
 
     #[inline(always)]
     fn splat(x: f32) -> Self {
@@ -56,5 +65,82 @@ impl Lanes for Avx512 {
     #[inline(always)]
     fn greater_or(self, other: Self) -> Self {
         Self(unsafe { _mm512_max_ps(self.0, other.0) }) // `a > b ? a : b`, lane-wise
+    }
+
+    #[inline(always)]
+    fn to_bits(self) -> Avx512Bits {
+        Avx512Bits(unsafe { _mm512_castps_si512(self.0) })
+    }
+
+    #[inline(always)]
+    fn from_bits(bits: Avx512Bits) -> Self {
+        Self(unsafe { _mm512_castsi512_ps(bits.0) })
+    }
+
+    #[inline(always)]
+    fn if_nan(self, then: Self, otherwise: Self) -> Self {
+        let nan = unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0) };
+        Self(unsafe { _mm512_mask_blend_ps(nan, otherwise.0, then.0) })
+    }
+
+    #[inline(always)]
+    unsafe fn load_f16(from: *const u16) -> Self {
+        Self(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(from.cast())) })
+    }
+
+    #[inline(always)]
+    unsafe fn store_f16(self, to: *mut u16) {
+        unsafe { _mm256_storeu_si256(to.cast(), _mm512_cvtps_ph::<NEAREST>(self.0)) }
+    }
+}
+
+impl Bits for Avx512Bits {
+    #[inline(always)]
+    fn splat(x: u32) -> Self {
+        Self(unsafe { _mm512_set1_epi32(x as i32) })
+    }
+    #[inline(always)]
+    fn lane_indices() -> Self {
+        Self(unsafe { _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) })
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        Self(unsafe { _mm512_add_epi32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn mul(self, other: Self) -> Self {
+        Self(unsafe { _mm512_mullo_epi32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn and(self, other: Self) -> Self {
+        Self(unsafe { _mm512_and_si512(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn and_not(self, other: Self) -> Self {
+        Self(unsafe { _mm512_andnot_si512(other.0, self.0) }) // !other & self
+    }
+    #[inline(always)]
+    fn or(self, other: Self) -> Self {
+        Self(unsafe { _mm512_or_si512(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn xor(self, other: Self) -> Self {
+        Self(unsafe { _mm512_xor_si512(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn shl(self, n: u32) -> Self {
+        Self(unsafe { _mm512_sll_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+    }
+    #[inline(always)]
+    fn shr(self, n: u32) -> Self {
+        Self(unsafe { _mm512_srl_epi32(self.0, _mm_cvtsi32_si128(n as i32)) })
+    }
+    #[inline(always)]
+    unsafe fn load_u16(from: *const u16) -> Self {
+        Self(unsafe { _mm512_cvtepu16_epi32(_mm256_loadu_si256(from.cast())) })
+    }
+    #[inline(always)]
+    unsafe fn store_u16(self, to: *mut u16) {
+        unsafe { _mm256_storeu_si256(to.cast(), _mm512_cvtepi32_epi16(self.0)) }
     }
 }

@@ -5,7 +5,7 @@ use keras_adamw_core::parallel::{adamw_step, adamw_step_from, set_num_threads};
 use keras_adamw_core::simd::update_scalar;
 use keras_adamw_core::simd::{self, supported_levels};
 use keras_adamw_core::{
-    DecayForm, DecayMode, EpsilonMode, Hyperparams, Sources, StepConstants, TensorSlices,
+    DecayForm, DecayMode, EpsilonMode, Hyperparams, Rounding, Sources, StepConstants, TensorSlices,
 };
 use proptest::prelude::*;
 
@@ -160,10 +160,10 @@ fn every_simd_level_treats_special_values_as_the_reference_does() {
             before.g[66 + i] = x;
         }
         let mut reference = before.clone();
-        update_scalar(reference.slices(), &c);
+        update_scalar(reference.slices(), &c, Rounding::Nearest);
         for level in supported_levels() {
             let mut state = before.clone();
-            simd::update(level, state.slices(), &c);
+            simd::update(level, state.slices(), &c, Rounding::Nearest);
             assert_eq!(
                 canonical_bits(&state),
                 canonical_bits(&reference),
@@ -180,10 +180,10 @@ proptest! {
     ) {
         let c = hp.constants().unwrap();
         let mut reference = State::random(n, seed, amsgrad);
-        update_scalar(reference.slices(), &c);
+        update_scalar(reference.slices(), &c, Rounding::Nearest);
         for level in supported_levels() {
             let mut state = State::random(n, seed, amsgrad);
-            simd::update(level, state.slices(), &c);
+            simd::update(level, state.slices(), &c, Rounding::Nearest);
             prop_assert_eq!(state.bits(), reference.bits(), "level {:?}", level);
         }
     }
@@ -194,7 +194,12 @@ proptest! {
         let c = hp.constants().unwrap();
         let before = State::random(n, seed, amsgrad);
         let mut state = before.clone();
-        simd::update(simd::active_level().unwrap(), state.slices(), &c);
+        simd::update(
+            simd::active_level().unwrap(),
+            state.slices(),
+            &c,
+            Rounding::Nearest,
+        );
         for i in 0..n {
             let [p, m, v, max_v] = float64_adamw(&before, i, &hp);
             let close = |a: f32, b: f64, what: &str| {
@@ -262,7 +267,12 @@ fn step_split(state: &mut State, cuts: &[usize]) {
         done = cut;
     }
     tensors.push(rest);
-    adamw_step(tensors, &constants(), simd::active_level().unwrap());
+    adamw_step(
+        tensors,
+        &constants(),
+        Rounding::Nearest,
+        simd::active_level().unwrap(),
+    );
 }
 
 #[test]
@@ -270,7 +280,7 @@ fn results_do_not_depend_on_threads_or_on_the_split_into_tensors() {
     // Large enough for the parallel path, with odd sizes so tails fall mid-chunk.
     let n = 1_000_003;
     let mut reference = State::random(n, 42, true);
-    update_scalar(reference.slices(), &constants());
+    update_scalar(reference.slices(), &constants(), Rounding::Nearest);
     let many_cuts: Vec<usize> = (1..1000).map(|i| i * 997 + i % 13).collect();
     for threads in [1, 2, 3] {
         set_num_threads(threads).unwrap();
@@ -296,6 +306,7 @@ fn an_out_of_place_step_matches_the_in_place_one_and_leaves_its_sources() {
         adamw_step(
             vec![in_place.slices()],
             &constants(),
+            Rounding::Nearest,
             simd::active_level().unwrap(),
         );
 

@@ -33,7 +33,7 @@ ARRAY_CASES = [
         "params float64",
         lambda a: with_last(a, "params", a["params"][-1].astype(np.float64)),
         TypeError,
-        r"params\[2\] must have dtype float32, got float64",
+        r"params\[2\] must have dtype float32, bfloat16 or float16, got float64",
     ),
     (
         "grads int",
@@ -45,13 +45,14 @@ ARRAY_CASES = [
         "not an array",
         lambda a: with_last(a, "exp_avgs", [0.0] * 6),
         TypeError,
-        r"exp_avgs\[2\] must be a float32 NumPy array or torch CPU tensor, got list",
+        r"exp_avgs\[2\] must be a NumPy array or torch CPU tensor of float32 or bfloat16, got list",
     ),
     (
         "None in a list",
         lambda a: with_last(a, "grads", None),
         TypeError,
-        r"grads\[2\] must be a float32 NumPy array or torch CPU tensor, got NoneType",
+        r"grads\[2\] must be a NumPy array or torch CPU tensor of float32, bfloat16 or "
+        r"float16, got NoneType",
     ),
     (
         "shape",

@@ -1,0 +1,214 @@
+//! The element types the kernel reads and writes, and how each converts to and
+//! from the float32 the update computes in: one file per 16-bit type, written
+//! once over `simd::Lanes` (so the scalar reference and every SIMD level share
+//! it), and the slices of each type that a step is handed.
+//!
+//! Conversions to a 16-bit type round to nearest even, or stochastically
+//! (`stochastic`), never by truncation.
+
+pub mod bf16;
+pub mod f16;
+pub mod stochastic;
+
+use crate::simd::{Bits, Lanes};
+pub use bf16::Bf16;
+pub use f16::F16;
+
+/// The dtypes an argument may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+}
+
+/// A stored element type: loaded into float32 lanes exactly, stored rounded.
+pub trait Element: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+
+    /// `V::LANES` elements at `from`, as float32 (exact).
+    ///
+    /// # Safety
+    /// `V::LANES` elements must be readable at `from`.
+    unsafe fn load<V: Lanes>(from: *const Self) -> V;
+
+    /// Stores `value` rounded to nearest even.
+    ///
+    /// # Safety
+    /// `V::LANES` elements must be writable at `to`.
+    unsafe fn store<V: Lanes>(value: V, to: *mut Self);
+
+    /// Stores `value` rounded stochastically with the lanes' `random` bits
+    /// (exactly, for float32).
+    ///
+    /// # Safety
+    /// As for `store`.
+    unsafe fn store_stochastic<V: Lanes>(value: V, random: V::Bits, to: *mut Self);
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+
+    #[inline(always)]
+    unsafe fn load<V: Lanes>(from: *const Self) -> V {
+        // SAFETY: the caller's contract.
+        unsafe { V::load(from) }
+    }
+
+    #[inline(always)]
+    unsafe fn store<V: Lanes>(value: V, to: *mut Self) {
+        // SAFETY: the caller's contract.
+        unsafe { value.store(to) }
+    }
+
+    #[inline(always)]
+    unsafe fn store_stochastic<V: Lanes>(value: V, _: V::Bits, to: *mut Self) {
+        // SAFETY: the caller's contract.
+        unsafe { value.store(to) }
+    }
+}
+
+/// Slices of one dtype, mutable (`Elements`) or shared (`ElementsRef`).
+macro_rules! element_slices {
+    ($name:ident, $($reference:tt)+) => {
+        #[derive(Debug)]
+        pub enum $name<'a> {
+            F32($($reference)+ [f32]),
+            Bf16($($reference)+ [Bf16]),
+            F16($($reference)+ [F16]),
+        }
+
+        impl<'a> $name<'a> {
+            pub fn dtype(&self) -> DType {
+                match self {
+                    Self::F32(_) => DType::F32,
+                    Self::Bf16(_) => DType::Bf16,
+                    Self::F16(_) => DType::F16,
+                }
+            }
+
+            pub fn len(&self) -> usize {
+                match self {
+                    Self::F32(x) => x.len(),
+                    Self::Bf16(x) => x.len(),
+                    Self::F16(x) => x.len(),
+                }
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+        }
+    };
+}
+
+element_slices!(Elements, &'a mut);
+element_slices!(ElementsRef, &'a);
+
+impl<'a> Elements<'a> {
+    pub fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Self::F32(x) => {
+                let (a, b) = x.split_at_mut(mid);
+                (Self::F32(a), Self::F32(b))
+            }
+            Self::Bf16(x) => {
+                let (a, b) = x.split_at_mut(mid);
+                (Self::Bf16(a), Self::Bf16(b))
+            }
+            Self::F16(x) => {
+                let (a, b) = x.split_at_mut(mid);
+                (Self::F16(a), Self::F16(b))
+            }
+        }
+    }
+
+    /// The float32 slice, if that is the dtype.
+    pub fn as_f32(&mut self) -> Option<&mut [f32]> {
+        match self {
+            Self::F32(x) => Some(x),
+            _ => None,
+        }
+    }
+}
+
+impl<'a> ElementsRef<'a> {
+    pub fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Self::F32(x) => {
+                let (a, b) = x.split_at(mid);
+                (Self::F32(a), Self::F32(b))
+            }
+            Self::Bf16(x) => {
+                let (a, b) = x.split_at(mid);
+                (Self::Bf16(a), Self::Bf16(b))
+            }
+            Self::F16(x) => {
+                let (a, b) = x.split_at(mid);
+                (Self::F16(a), Self::F16(b))
+            }
+        }
+    }
+
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        match self {
+            Self::F32(x) => Some(x),
+            _ => None,
+        }
+    }
+}
+
+/// Picks the typed slice out of `Elements` for a generic `E`.
+pub trait Typed: Element {
+    fn of<'a>(elements: Elements<'a>) -> Option<&'a mut [Self]>;
+    fn of_ref<'a>(elements: ElementsRef<'a>) -> Option<&'a [Self]>;
+}
+
+macro_rules! typed {
+    ($type:ty, $variant:ident) => {
+        impl Typed for $type {
+            fn of<'a>(elements: Elements<'a>) -> Option<&'a mut [Self]> {
+                match elements {
+                    Elements::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+
+            fn of_ref<'a>(elements: ElementsRef<'a>) -> Option<&'a [Self]> {
+                match elements {
+                    ElementsRef::$variant(x) => Some(x),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+typed!(f32, F32);
+typed!(Bf16, Bf16);
+typed!(F16, F16);
+
+/// Keeps a NaN (quieted, so that narrowing cannot turn it into an infinity)
+/// where `x` is one, and `rounded` elsewhere.
+#[inline(always)]
+fn quiet_nan_or<V: Lanes>(x: V, rounded: V) -> V {
+    let quiet = V::from_bits(x.to_bits().or(V::Bits::splat(0x0040_0000)));
+    x.if_nan(quiet, rounded)
+}

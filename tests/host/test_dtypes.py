@@ -1,0 +1,280 @@
+"""bfloat16 and float16 data in the host kernel, against the float64 reference
+rounded to the same dtypes by NumPy and ml_dtypes; stochastic rounding's mean
+against the exact update; 16-bit torch tensors in place; bad input."""
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import ReferenceAdamW
+
+from keras_adamw import host
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+HYPER = dict(learning_rate=1e-2, weight_decay=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+
+
+def random_state(n, dtypes, seed=0, amsgrad=False):
+    """p, g, m, v (and v̂) as the given dtypes, m and v as after some steps."""
+    p_dtype, g_dtype, state_dtype = dtypes
+    rng = np.random.default_rng(seed)
+    v = rng.uniform(1e-6, 1e-3, n)
+    state = dict(
+        params=rng.standard_normal(n).astype(p_dtype),
+        grads=(rng.standard_normal(n) * 0.03).astype(g_dtype),
+        exp_avgs=(rng.standard_normal(n) * 0.01).astype(state_dtype),
+        exp_avg_sqs=v.astype(state_dtype),
+    )
+    if amsgrad:
+        state["amsgrad_max"] = (v * rng.uniform(0.5, 2.0, n)).astype(state_dtype)
+    return state
+
+
+def reference_step(state, step, hyper=HYPER):
+    """The float64 reference's step from the state's (widened) values."""
+    wide = {k: np.asarray(a, np.float64) for k, a in state.items()}
+    ref = ReferenceAdamW([wide["params"]], amsgrad="amsgrad_max" in state, **hyper)
+    ref.m, ref.v = [wide["exp_avgs"]], [wide["exp_avg_sqs"]]
+    ref.v_max = [wide.get("amsgrad_max", np.zeros_like(wide["params"]))]
+    ref.step_count = step - 1
+    ref.step([wide["grads"]])
+    results = dict(params=ref.params[0], exp_avgs=ref.m[0], exp_avg_sqs=ref.v[0])
+    if "amsgrad_max" in state:
+        results["amsgrad_max"] = ref.v_max[0]
+    return results
+
+
+def assert_rounded(actual, expected_float64, name):
+    """`actual` (16-bit) is the expected value rounded to its dtype by NumPy or
+    ml_dtypes, but for elements next to a rounding boundary or near zero: the
+    kernel rounds its float32 result, whose own error may fall either side."""
+    rounded = expected_float64.astype(actual.dtype).astype(np.float64)
+    got = actual.astype(np.float64)
+    spacing = np.abs(np.spacing(expected_float64.astype(actual.dtype))).astype(np.float64)
+    scale = np.abs(expected_float64).max()
+    assert np.all(np.abs(got - expected_float64) <= spacing + 1e-6 * scale), name
+    assert np.mean(got == rounded) > 0.99, name
+
+
+COMBINATIONS = [
+    (dtypes, copy, amsgrad)
+    for dtypes in itertools.product([F32, BF16, F16], [F32, BF16, F16], [F32, BF16])
+    for copy in ([None, BF16, F16] if dtypes[0] == F32 else [None])
+    for amsgrad in (False, True)
+]
+
+
+@pytest.mark.parametrize(
+    "dtypes, copy, amsgrad",
+    COMBINATIONS,
+    ids=[f"{'-'.join(d.name for d in c[0])}-copy_{c[1]}-ams_{c[2]}" for c in COMBINATIONS],
+)
+def test_a_step_is_the_float64_step_rounded_to_each_dtype(dtypes, copy, amsgrad):
+    n = 5003
+    state = random_state(n, dtypes, amsgrad=amsgrad)
+    expected = reference_step(state, step=5)
+    copies = None if copy is None else np.zeros(n, copy)
+    arrays = {k: a.copy() for k, a in state.items()}
+    host.adamw_update(**arrays, step=5, param_copies=copies, **HYPER)
+    outputs = dict(arrays)
+    del outputs["grads"]
+    if copies is not None:
+        outputs["param_copies"] = copies
+        expected["param_copies"] = expected["params"]
+    for name, actual in outputs.items():
+        if actual.dtype == F32:
+            np.testing.assert_allclose(actual, expected[name], rtol=2e-6, atol=1e-9, err_msg=name)
+            continue
+        # The kernel rounds its float32 result once; the reference rounds the
+        # float64 one: they differ by a step only next to a rounding boundary.
+        assert_rounded(actual, expected[name], name)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls(dtype):
+    # Weights of 1.0 and steps far below half their spacing: rounding to
+    # nearest loses every step; stochastic rounding keeps them on average.
+    n = 1 << 20
+    grads = np.full(n, 1.0, dtype)
+    hyper = dict(HYPER, learning_rate=1e-4, weight_decay=0.0)
+    exact = reference_step(
+        dict(params=np.ones(1), grads=np.ones(1), exp_avgs=np.zeros(1), exp_avg_sqs=np.zeros(1)),
+        step=1,
+        hyper=hyper,
+    )["params"][0]
+    nearest = np.ones(n, dtype)
+    host.adamw_update(nearest, grads, np.zeros(n, F32), np.zeros(n, F32), step=1, **hyper)
+    assert np.all(nearest == 1), "rounded to nearest, the step is lost"
+
+    params = np.ones(n, dtype)
+    host.adamw_update(
+        params, grads, np.zeros(n, F32), np.zeros(n, F32), step=1, rounding="stochastic", **hyper
+    )
+    values = params.astype(np.float64)
+    below = float(np.nextafter(np.array(1.0, dtype), np.array(0.0, dtype)))
+    assert set(np.unique(values)) == {below, 1.0}, "each rounds to a neighbour"
+    spacing = 1.0 - below
+    p_down = (1.0 - exact) / spacing
+    sigma = spacing * np.sqrt(p_down * (1 - p_down) / n)
+    assert abs(values.mean() - exact) < 6 * sigma, (values.mean(), exact, sigma)
+
+
+def test_stochastic_rounding_of_bfloat16_state_is_unbiased():
+    n = 1 << 20
+    m = np.full(n, 1.0, BF16)
+    grads = np.full(n, 1.0 + 1 / 256, F32)  # m moves to 1 + 0.1/256, a tenth of a bfloat16 step
+    host.adamw_update(
+        np.zeros(n, F32),
+        grads,
+        m,
+        np.ones(n, BF16),
+        step=1,
+        rounding="stochastic",
+        **HYPER,
+    )
+    exact = 0.9 * 1.0 + 0.1 * (1 + 1 / 256)
+    values = m.astype(np.float64)
+    sigma = (1 / 128) * np.sqrt(0.1 * 0.9 / n)
+    assert abs(values.mean() - exact) < 6 * sigma
+
+
+def test_stochastic_rounding_repeats_with_the_seed_and_changes_with_it():
+    def run(seed, threads, level):
+        host.set_num_threads(threads)
+        host.set_simd_level(level)
+        state = random_state(300_001, (BF16, BF16, BF16))
+        host.adamw_update(**state, step=3, rounding="stochastic", seed=seed, **HYPER)
+        return np.concatenate([state[k].view(np.uint16) for k in ("params", "exp_avgs")])
+
+    threads, level = host.num_threads(), host.simd_level()
+    try:
+        first = run(7, 2, host.supported_simd_levels()[-1])
+        for threads_now, level_now in itertools.product([1, 3], host.supported_simd_levels()):
+            assert np.array_equal(run(7, threads_now, level_now), first), (threads_now, level_now)
+        assert not np.array_equal(run(8, 2, level), first)
+    finally:
+        host.set_num_threads(threads)
+        host.set_simd_level(level)
+
+
+def test_torch_16_bit_tensors_are_updated_in_place():
+    torch = pytest.importorskip("torch")
+    n = 1000
+    for dtype in (torch.bfloat16, torch.float16):
+        p = torch.randn(n, dtype=dtype)
+        g = torch.randn(n, dtype=dtype) * 0.1
+        m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+        pointer, before = p.data_ptr(), p.clone()
+        host.adamw_update(p, g, m, v, step=1, **HYPER)
+        assert p.data_ptr() == pointer and p.dtype == dtype
+        # Against torch's own AdamW in float32, rounded to the params' dtype.
+        expected = before.float().clone().requires_grad_(True)
+        opt = torch.optim.AdamW([expected], lr=1e-2, weight_decay=0.1, eps=1e-7)
+        expected.grad = g.float()
+        opt.step()
+        expected = expected.detach().to(dtype)
+        assert (p.float() - expected.float()).abs().max() <= 2 * (
+            expected.float().abs().max() * 2.0**-7
+        )
+        assert (p != before).float().mean() > 0.5
+
+
+def snapshot(arrays):
+    return {k: None if a is None else a.copy() for k, a in arrays.items()}
+
+
+BAD = [
+    (
+        "float16 state",
+        dict(exp_avg_sqs=np.zeros(8, F16)),
+        TypeError,
+        r"exp_avg_sqs\[0\] must have dtype float32 or bfloat16, got float16",
+    ),
+    (
+        "state of two dtypes",
+        dict(exp_avg_sqs=np.zeros(8, BF16)),
+        TypeError,
+        r"exp_avg_sqs\[0\] has dtype bfloat16 where exp_avgs\[0\] has float32",
+    ),
+    (
+        "amsgrad maxima of another dtype",
+        dict(amsgrad_max=np.zeros(8, BF16)),
+        TypeError,
+        r"amsgrad_max\[0\] has dtype bfloat16 where exp_avgs\[0\] has float32",
+    ),
+    (
+        "float32 copies",
+        dict(param_copies=np.zeros(8, F32)),
+        TypeError,
+        r"param_copies\[0\] must have dtype bfloat16 or float16, got float32",
+    ),
+    (
+        "copies of 16-bit params",
+        dict(params=np.zeros(8, BF16), param_copies=np.zeros(8, BF16)),
+        TypeError,
+        r"params\[0\] must be float32 with param_copies \(the master copy\), got bfloat16",
+    ),
+    (
+        "copies of another shape",
+        dict(param_copies=np.zeros(9, BF16)),
+        ValueError,
+        r"param_copies\[0\] has shape \[9\] where params\[0\] has shape \[8\]",
+    ),
+    (
+        "copies in the params' memory",
+        "alias",
+        ValueError,
+        r"shares memory",
+    ),
+    (
+        "stochastic with nothing to round",
+        dict(rounding="stochastic"),
+        ValueError,
+        r"rounding = 'stochastic' needs something to round",
+    ),
+    ("unknown rounding", dict(rounding="up"), ValueError, r"rounding must be 'nearest' or"),
+    ("negative seed", dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    ("bool seed", dict(seed=True), TypeError, r"seed must be an int"),
+    (
+        "16-bit out of place",
+        dict(params=np.zeros(8, BF16), read_from=[np.zeros(8, F32)] * 3),
+        TypeError,
+        r"params\[0\] must be float32 out of place",
+    ),
+    (
+        "int8 params",
+        dict(params=np.zeros(8, np.int8)),
+        TypeError,
+        r"params\[0\] must have dtype float32, bfloat16 or float16, got int8",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_dtypes_raise_before_anything_is_written(case):
+    _, change, error, message = case
+    rng = np.random.default_rng(1)
+    arrays = dict(
+        params=rng.standard_normal(8).astype(F32),
+        grads=rng.standard_normal(8).astype(BF16),
+        exp_avgs=np.full(8, 0.5, F32),
+        exp_avg_sqs=np.full(8, 0.25, F32),
+    )
+    options = {}
+    if change == "alias":
+        buffer = np.zeros(8, F32)
+        arrays["params"] = buffer
+        options["param_copies"] = buffer.view(BF16)[:8]
+    else:
+        for name, value in change.items():
+            (arrays if name in arrays else options)[name] = value
+    if "amsgrad_max" in options:
+        arrays["amsgrad_max"] = options.pop("amsgrad_max")
+    before = snapshot(arrays)
+    with pytest.raises(error, match=message):
+        host.adamw_update(**arrays, **options, step=1, **HYPER)
+    for name, array in arrays.items():
+        assert np.array_equal(array.view(np.uint8), before[name].view(np.uint8)), name
