@@ -2,12 +2,19 @@
 
     python benchmarks/host_step.py     # 1M/16M/64M params, 1/100/1000 tensors, 1/2 threads
     python benchmarks/host_step.py --sizes 16M --tensors 1 --threads 2 --reps 3
+    python benchmarks/host_step.py --dtypes --sizes 64M --threads 2   # 16-bit data
 
 Every row measures, in the same run and interleaved step by step so that the
 machine's noise hits all alike: a plain in-place loop with the kernel's memory
 traffic (read p, g, m, v; write p, m, v = 28 bytes per parameter; the ceiling),
 keras_adamw.host, torch.optim.AdamW (for-loop, foreach, fused), NumPy in-place
 ufuncs, and DeepSpeedCPUAdam when it imports. Figures are median ms per step.
+
+With --dtypes, the rows are the kernel's dtype combinations instead (16-bit
+grads, state, params, copy-out), each with its bytes per parameter and its
+bound (those bytes at the bandwidth the in-place loop measured in the same
+run), against the float32 kernel and against what a torch user runs for the
+same result: torch's fused AdamW (float32 only) plus the conversion passes.
 """
 
 from __future__ import annotations
@@ -136,6 +143,134 @@ def numpy_inplace(sizes, rng) -> Contender:
     return Contender("NumPy in-place", step)
 
 
+def bf16_arrays(sizes: list[int], rng: np.random.Generator, dtype: str) -> list[np.ndarray]:
+    import ml_dtypes
+
+    np_dtype = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}[dtype]
+    return [a.astype(np_dtype) for a in random_arrays(sizes, rng)]
+
+
+#: (name, params, grads, state, copy-out, rounding, bytes per parameter):
+#: params are read and written (4 or 2 bytes each way), grads read, m and v
+#: read and written, a copy written.
+DTYPE_ROWS = [
+    ("float32 (all)", "f32", "f32", "f32", None, "nearest", 28),
+    ("bf16 grads + bf16 state", "f32", "bf16", "bf16", None, "nearest", 18),
+    ("... + bf16 copy-out", "f32", "bf16", "bf16", "bf16", "nearest", 20),
+    ("f16 grads + f16 copy-out", "f32", "f16", "f32", "f16", "nearest", 26),
+    ("bf16 params, stochastic", "bf16", "bf16", "bf16", None, "stochastic", 14),
+]
+
+
+def ours_with_dtypes(sizes, rng, row) -> Contender:
+    name, p_dtype, g_dtype, state_dtype, copy_dtype, rounding, _ = row
+    p, g = bf16_arrays(sizes, rng, p_dtype), bf16_arrays(sizes, rng, g_dtype)
+    m, v = ([a * 0 for a in bf16_arrays(sizes, rng, state_dtype)] for _ in range(2))
+    copies = None if copy_dtype is None else bf16_arrays(sizes, rng, copy_dtype)
+    count = [0]
+
+    def step():
+        count[0] += 1
+        host.adamw_update(
+            p,
+            g,
+            m,
+            v,
+            step=count[0],
+            param_copies=copies,
+            rounding=rounding,
+            epsilon_mode="torch",
+            **HYPER,
+        )
+
+    return Contender(name, step)
+
+
+def torch_with_conversions(sizes, rng) -> Contender:
+    """What a torch user runs for bf16 grads, float32 master weights and a bf16
+    copy: widen the grads, the fused step (float32 state), narrow the weights."""
+    import torch
+
+    params = [torch.from_numpy(a) for a in random_arrays(sizes, rng)]
+    grads16 = [torch.from_numpy(a).to(torch.bfloat16) for a in random_arrays(sizes, rng)]
+    copies = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=HYPER["learning_rate"],
+        betas=(HYPER["beta_1"], HYPER["beta_2"]),
+        eps=HYPER["epsilon"],
+        weight_decay=HYPER["weight_decay"],
+        fused=True,
+    )
+
+    def step():
+        torch._foreach_copy_([p.grad for p in params], grads16)
+        optimizer.step()
+        torch._foreach_copy_(copies, params)
+
+    return Contender("torch fused + conversions", step)
+
+
+def deepspeed_bf16(sizes, rng) -> Contender:
+    """DeepSpeedCPUAdam on bf16 params and grads, with its float32 state."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    params = [
+        torch.nn.Parameter(torch.from_numpy(a).to(torch.bfloat16))
+        for a in random_arrays(sizes, rng)
+    ]
+    for p, g in zip(params, random_arrays(sizes, rng), strict=True):
+        p.grad = torch.from_numpy(g).to(torch.bfloat16)
+    optimizer = DeepSpeedCPUAdam(
+        params, lr=HYPER["learning_rate"], weight_decay=HYPER["weight_decay"]
+    )
+    return Contender("DeepSpeedCPUAdam bf16", optimizer.step)
+
+
+def run_dtype_rows(total: int, tensors: int, threads: int, reps: int) -> None:
+    import torch
+
+    host.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    sizes = split_sizes(total, tensors)
+    contenders = [ceiling(sizes, rng)]
+    contenders += [ours_with_dtypes(sizes, rng, row) for row in DTYPE_ROWS]
+    contenders.append(torch_with_conversions(sizes, rng))
+    try:
+        contenders.append(deepspeed_bf16(sizes, rng))
+    except ImportError:
+        print("    (DeepSpeedCPUAdam not importable: its bf16 row is not run)")
+    for contender in contenders:
+        contender.step()
+    for _ in range(reps):
+        for contender in contenders:
+            contender.timed_step()
+    bandwidth = BYTES_PER_PARAM * total / contenders[0].median
+    by_name = {c.name: c.median for c in contenders}
+    float32 = by_name["float32 (all)"]
+    torch_ms = by_name["torch fused + conversions"]
+    bytes_of = {row[0]: row[-1] for row in DTYPE_ROWS}
+    header = (
+        f"{'implementation':<27} {'B/param':>7} {'ms':>8} {'Gparam/s':>9} {'% bound':>8} "
+        f"{'x f32':>6} {'x torch':>8}"
+    )
+    print(f"{total / 2**20:.0f}M params x {tensors} tensors, {threads} threads")
+    print(header)
+    print("-" * len(header))
+    for c in contenders[1:]:
+        nbytes = bytes_of.get(c.name)
+        bound = "" if nbytes is None else f"{100 * nbytes * total / bandwidth / c.median:7.1f}%"
+        print(
+            f"{c.name:<27} {nbytes or '':>7} {c.median * 1e3:8.2f} {total / c.median / 1e9:9.3f} "
+            f"{bound:>8} {float32 / c.median:6.2f} {torch_ms / c.median:8.2f}"
+        )
+    print(f"in-place loop: {bandwidth / 1e9:.1f} GB/s (the bound of each row: its bytes at this)\n")
+
+
 def parse_size(text: str) -> int:
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     return (
@@ -209,6 +344,9 @@ def main() -> None:
         "--skip-slow", action="store_true", help="leave out torch for-loop and NumPy"
     )
     parser.add_argument("--plot", metavar="PNG", help="also draw the table as a PNG chart")
+    parser.add_argument(
+        "--dtypes", action="store_true", help="rows per dtype combination (16-bit data)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -217,6 +355,12 @@ def main() -> None:
     print(
         f"torch {torch.__version__}; keras_adamw {_core.__version__}; {args.reps} steps per cell\n"
     )
+    if args.dtypes:
+        for size_text in args.sizes.split(","):
+            for threads in map(int, args.threads.split(",")):
+                for tensors in map(int, args.tensors.split(",")):
+                    run_dtype_rows(parse_size(size_text), tensors, threads, args.reps)
+        return
     ours_rate: dict[tuple[int, int], float] = {}
     rows: list[tuple[int, str, dict[str, float]]] = []  # (threads, label, Gparam/s by name)
     header = (

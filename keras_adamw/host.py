@@ -185,13 +185,33 @@ def _seed(seed: Any) -> int:
     return int(seed)
 
 
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+_STATE_DTYPES = ("float32", "bfloat16")
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
+    return np.dtype(name)
+
+
 class HostAdamW:
     """A stateful AdamW over host arrays it updates in place.
 
-    It owns the first and second moments (and the AMSGrad maxima) as float32
-    NumPy arrays and counts steps. Hyperparameters are plain attributes that may
-    change between steps; ``learning_rate`` and ``weight_decay`` may also be
-    callables of the 1-based step count (a schedule).
+    It owns the first and second moments (and the AMSGrad maxima) as NumPy
+    arrays of ``state_dtype`` and counts steps. Hyperparameters are plain
+    attributes that may change between steps; ``learning_rate`` and
+    ``weight_decay`` may also be callables of the 1-based step count (a
+    schedule).
+
+    Params may be float32, bfloat16 or float16. For 16-bit params,
+    ``master_weights=True`` keeps float32 copies that the update runs on and
+    writes the params as their rounded copies, in the same pass; without
+    masters, ``rounding="stochastic"`` keeps small steps from being rounded
+    away.
 
     >>> opt = HostAdamW([w], learning_rate=1e-3)
     >>> opt.step([grad_w])
@@ -211,13 +231,35 @@ class HostAdamW:
         decay_form: str | None = None,
         amsgrad: bool = False,
         maximize: bool = False,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         self.params = _as_list(params, "params")
         if not self.params:
             raise ValueError("params is empty: pass at least one array")
         for i, p in enumerate(self.params):
-            if not isinstance(p, np.ndarray) or p.dtype != np.float32:
-                raise TypeError(f"params[{i}] must be a float32 NumPy array or torch CPU tensor")
+            if not isinstance(p, np.ndarray) or p.dtype.name not in _FLOAT_DTYPES:
+                raise TypeError(
+                    f"params[{i}] must be a float32, bfloat16 or float16 NumPy array or "
+                    "torch CPU tensor"
+                )
+        if state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        self.master_weights = flag("master_weights", master_weights)
+        if self.master_weights and any(p.dtype == np.float32 for p in self.params):
+            raise ValueError(
+                "master_weights=True needs bfloat16 or float16 params (float32 ones are "
+                "their own masters)"
+            )
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and self.master_weights and state_dtype == "float32":
+            raise ValueError(
+                "rounding='stochastic' has nothing to round with master_weights=True and "
+                "float32 state (the copies of the masters round to nearest)"
+            )
         self.learning_rate = learning_rate
         self.beta_1 = beta_1
         self.beta_2 = beta_2
@@ -228,10 +270,17 @@ class HostAdamW:
         self.decay_form = decay_form
         self.amsgrad = flag("amsgrad", amsgrad)
         self.maximize = maximize
+        self.state_dtype = state_dtype
+        self.rounding = rounding
+        self.seed = _seed(seed)
         self.iterations = 0
-        self.exp_avgs = [np.zeros_like(p) for p in self.params]
-        self.exp_avg_sqs = [np.zeros_like(p) for p in self.params]
-        self.amsgrad_max = [np.zeros_like(p) for p in self.params] if self.amsgrad else None
+        self.master_params = (
+            [p.astype(np.float32) for p in self.params] if self.master_weights else None
+        )
+        state = _dtype(state_dtype)
+        self.exp_avgs = [np.zeros(p.shape, state) for p in self.params]
+        self.exp_avg_sqs = [np.zeros(p.shape, state) for p in self.params]
+        self.amsgrad_max = [np.zeros(p.shape, state) for p in self.params] if self.amsgrad else None
         # Fail now, not at the first step, on bad hyperparameters.
         self._hyperparameters(1)
 
@@ -257,19 +306,23 @@ class HostAdamW:
         """Applies one update with ``grads`` (a list parallel to ``params``)."""
         step = self.iterations + 1
         adamw_update(
-            self.params,
+            self.params if self.master_params is None else self.master_params,
             grads,
             self.exp_avgs,
             self.exp_avg_sqs,
             step=step,
             amsgrad_max=self.amsgrad_max,
             grad_scale=grad_scale,
+            param_copies=None if self.master_params is None else self.params,
+            rounding=self.rounding,
+            seed=self.seed,
             **self._hyperparameters(step),
         )
         self.iterations = step
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the state: step count, moments, scalar hyperparameters."""
+        """Copies of the state: step count, moments (in their dtype), float32
+        master weights if kept, scalar hyperparameters."""
         state: dict[str, Any] = {
             "iterations": self.iterations,
             "exp_avgs": [m.copy() for m in self.exp_avgs],
@@ -277,6 +330,9 @@ class HostAdamW:
             "amsgrad_max": None
             if self.amsgrad_max is None
             else [x.copy() for x in self.amsgrad_max],
+            "master_params": None
+            if self.master_params is None
+            else [p.copy() for p in self.master_params],
             "hyperparameters": {
                 name: getattr(self, name)
                 for name in _SCALAR_HYPERPARAMETERS
@@ -286,7 +342,11 @@ class HostAdamW:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores `state_dict()`'s output; checks everything before changing anything."""
+        """Restores `state_dict()`'s output, also one saved by another
+        configuration (other state dtype: converted, rounding to nearest;
+        master weights saved but not kept here: the params take their rounded
+        values; kept but not saved: made from the params). Checks everything
+        before changing anything."""
         iterations = state["iterations"]
         if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)):
             raise TypeError(f"state['iterations'] must be an int, got {iterations!r}")
@@ -295,7 +355,8 @@ class HostAdamW:
         names = ["exp_avgs", "exp_avg_sqs"] + (["amsgrad_max"] if self.amsgrad else [])
         if not self.amsgrad and state.get("amsgrad_max") is not None:
             raise ValueError("state has amsgrad_max but this optimizer has amsgrad=False")
-        for name in names:
+        masters = state.get("master_params")
+        for name in names + (["master_params"] if masters is not None else []):
             arrays = state.get(name)
             if arrays is None or len(arrays) != len(self.params):
                 count = "none" if arrays is None else len(arrays)
@@ -308,13 +369,26 @@ class HostAdamW:
                         f"state[{name!r}][{i}] has shape {np.shape(array)} where params[{i}] "
                         f"has shape {p.shape}"
                     )
+                kind = np.asarray(array).dtype
+                if kind.name not in _FLOAT_DTYPES and kind != np.float64:
+                    raise TypeError(f"state[{name!r}][{i}] must hold floats, got {kind}")
         hyperparameters = {**self._hyperparameters(self.iterations + 1)}
         hyperparameters.update(state.get("hyperparameters", {}))
         _check_hyperparameters(hyperparameters)
 
         for name in names:
             for own, array in zip(getattr(self, name), state[name], strict=True):
-                np.copyto(own, np.asarray(array, dtype=np.float32))
+                np.copyto(own, np.asarray(array).astype(own.dtype))
+        if masters is not None:
+            targets = self.params if self.master_params is None else self.master_params
+            for own, array in zip(targets, masters, strict=True):
+                np.copyto(own, np.asarray(array).astype(own.dtype))
+        elif self.master_params is not None:
+            for own, p in zip(self.master_params, self.params, strict=True):
+                np.copyto(own, p.astype(np.float32))
+        if masters is not None and self.master_params is not None:
+            for p, master in zip(self.params, self.master_params, strict=True):
+                np.copyto(p, master.astype(p.dtype))
         for name, value in state.get("hyperparameters", {}).items():
             setattr(self, name, value)
         self.iterations = int(iterations)

@@ -278,3 +278,95 @@ def test_bad_dtypes_raise_before_anything_is_written(case):
         host.adamw_update(**arrays, **options, step=1, **HYPER)
     for name, array in arrays.items():
         assert np.array_equal(array.view(np.uint8), before[name].view(np.uint8)), name
+
+
+def test_host_adamw_keeps_float32_masters_of_16_bit_params():
+    rng = np.random.default_rng(3)
+    initial = [rng.standard_normal(s).astype(BF16) for s in (1000, 37)]
+    grads = [[(rng.standard_normal(p.shape) * 0.1).astype(BF16) for p in initial] for _ in range(5)]
+    optimizer = host.HostAdamW(
+        [p.copy() for p in initial], master_weights=True, learning_rate=1e-3, weight_decay=0.1
+    )
+    reference = ReferenceAdamW([p.astype(np.float64) for p in initial], **HYPER)
+    reference.learning_rate = 1e-3
+    for step_grads in grads:
+        optimizer.step(step_grads)
+        reference.step([g.astype(np.float64) for g in step_grads])
+    for p, master, expected in zip(
+        optimizer.params, optimizer.master_params, reference.params, strict=True
+    ):
+        assert master.dtype == F32
+        np.testing.assert_allclose(master, expected, rtol=1e-5, atol=1e-7)
+        assert np.array_equal(p.view(np.uint16), master.astype(BF16).view(np.uint16))
+    # Without masters the same steps, each far below a bfloat16 spacing, are lost.
+    plain = host.HostAdamW([p.copy() for p in initial], learning_rate=1e-5, weight_decay=0.0)
+    for step_grads in grads:
+        plain.step(step_grads)
+    assert all(np.array_equal(a, b) for a, b in zip(plain.params, initial, strict=True))
+
+
+def test_host_adamw_bfloat16_state_and_its_checkpoints():
+    rng = np.random.default_rng(4)
+    initial = [rng.standard_normal(500).astype(F32)]
+    grads = [[(rng.standard_normal(500) * 0.1).astype(F32)] for _ in range(6)]
+
+    def optimizer(**options):
+        return host.HostAdamW([p.copy() for p in initial], learning_rate=1e-2, **options)
+
+    compact, full = optimizer(state_dtype="bfloat16", amsgrad=True), optimizer(amsgrad=True)
+    for step_grads in grads[:3]:
+        compact.step(step_grads)
+        full.step(step_grads)
+    assert compact.exp_avgs[0].dtype == BF16
+    np.testing.assert_allclose(compact.params[0], full.params[0], atol=1e-4)
+
+    # Saved and loaded: bitwise the same continuation.
+    resumed = optimizer(state_dtype="bfloat16", amsgrad=True)
+    resumed.params[0][...] = compact.params[0]
+    resumed.load_state_dict(compact.state_dict())
+    for step_grads in grads[3:]:
+        compact.step(step_grads)
+        resumed.step(step_grads)
+    assert np.array_equal(compact.params[0], resumed.params[0])
+
+    # A float32 checkpoint loads into bfloat16 state (rounded), and back.
+    into_bf16 = optimizer(state_dtype="bfloat16", amsgrad=True)
+    into_bf16.load_state_dict(full.state_dict())
+    assert np.array_equal(
+        into_bf16.exp_avg_sqs[0].view(np.uint16), full.exp_avg_sqs[0].astype(BF16).view(np.uint16)
+    )
+    into_f32 = optimizer(amsgrad=True)
+    into_f32.load_state_dict(compact.state_dict())
+    assert np.array_equal(into_f32.exp_avgs[0], compact.exp_avgs[0].astype(F32))
+
+
+def test_host_adamw_masters_survive_a_checkpoint():
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(300).astype(F16)]
+    first = host.HostAdamW([p.copy() for p in params], master_weights=True, learning_rate=1e-3)
+    first.step([np.full(300, 0.01, F16)])
+    saved = first.state_dict()
+    second = host.HostAdamW([p.copy() for p in params], master_weights=True, learning_rate=1e-3)
+    second.load_state_dict(saved)
+    assert np.array_equal(second.master_params[0], first.master_params[0])
+    assert np.array_equal(second.params[0], first.params[0])
+    # Loaded where no masters are kept, the params take the masters' rounded values.
+    plain = host.HostAdamW([p.copy() for p in params], learning_rate=1e-3)
+    plain.load_state_dict(saved)
+    assert np.array_equal(plain.params[0], first.master_params[0].astype(F16))
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(state_dtype="int8"), ValueError, "state_dtype must be 'float32' or 'bfloat16'"),
+        (dict(state_dtype="float16"), ValueError, "state_dtype must be"),
+        (dict(master_weights=True), ValueError, "master_weights=True needs bfloat16 or float16"),
+        (dict(master_weights="yes"), TypeError, "master_weights must be True or False"),
+        (dict(rounding="up"), ValueError, "rounding must be 'nearest' or 'stochastic'"),
+        (dict(seed=-3), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    ],
+)
+def test_host_adamw_refuses_bad_dtype_options(options, error, message):
+    with pytest.raises(error, match=message):
+        host.HostAdamW([np.zeros(4, F32)], **options)
