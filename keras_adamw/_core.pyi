@@ -3,12 +3,15 @@
 from typing import Any, TypedDict
 
 __all__ = [
+    "QUANTIZATION_BLOCK",
     "SIMD_ENV_VAR",
     "THREADS_ENV_VAR",
     "__version__",
     "adamw_update",
     "check_hyperparameters",
+    "dequantize",
     "num_threads",
+    "quantize",
     "read_modify_write",
     "register_host_state",
     "register_tensorflow_op",
@@ -23,6 +26,7 @@ __all__ = [
 __version__: str
 SIMD_ENV_VAR: str
 THREADS_ENV_VAR: str
+QUANTIZATION_BLOCK: int
 
 class Hyperparameters(TypedDict):
     step: int
@@ -50,6 +54,8 @@ def adamw_update(
     seed: int,
 ) -> None: ...
 def check_hyperparameters(hyperparameters: Hyperparameters) -> None: ...
+def quantize(values: Any, codes: Any, scales: Any, signed: bool) -> None: ...
+def dequantize(codes: Any, scales: Any, signed: bool, values: Any) -> None: ...
 def read_modify_write(
     params: list[Any], grads: list[Any], exp_avgs: list[Any], exp_avg_sqs: list[Any]
 ) -> None: ...

@@ -36,6 +36,7 @@ from keras_adamw._checks import flag
 __all__ = [
     "HostAdamW",
     "HostState",
+    "QuantizedState",
     "adamw_update",
     "num_threads",
     "set_num_threads",
@@ -114,7 +115,8 @@ def adamw_update(
             arrays of matching shapes; all but ``grads`` are updated in place.
             ``exp_avgs``/``exp_avg_sqs`` start at zero. ``params`` and
             ``grads`` may be float32, bfloat16 or float16 (each array its own);
-            a tensor's state (with ``amsgrad_max``) is float32 or bfloat16.
+            a tensor's state (with ``amsgrad_max``) is float32, bfloat16, or
+            8-bit block-wise (`QuantizedState`: signed for ``exp_avgs``).
         step: the 1-based count of this update (bias correction).
         epsilon_mode: ``"keras"`` (ε added to √v, as ``keras.optimizers.AdamW``)
             or ``"torch"`` (ε added to √v̂, as ``torch.optim.AdamW``).
@@ -185,8 +187,82 @@ def _seed(seed: Any) -> int:
     return int(seed)
 
 
+class QuantizedState:
+    """8-bit block-wise quantised optimizer state of one tensor: ``codes``
+    (uint8, the tensor's shape) and ``scales`` (float32, one per ``BLOCK``
+    elements), about 1.02 bytes per element instead of 4.
+
+    A code is a small float relative to its block's scale (the block's largest
+    magnitude / 1.875): for first moments (``signed=True``) a sign, 4 exponent
+    and 3 mantissa bits, values down to 2^-17 of the scale; for second moments
+    (``signed=False``) 5 exponent and 3 mantissa bits, down to 2^-33. Values
+    round to nearest: relative error at most 1/16, small values keeping their
+    relative precision (as bitsandbytes' dynamic map does, but decoded and
+    encoded in integer arithmetic, not a table). Pass them as ``exp_avgs``
+    (signed), ``exp_avg_sqs`` and ``amsgrad_max`` (unsigned) to
+    ``adamw_update``; ``HostAdamW(state_dtype="int8")`` makes them.
+    """
+
+    BLOCK: int = _core.QUANTIZATION_BLOCK
+
+    def __init__(self, shape: int | tuple[int, ...], *, signed: bool) -> None:
+        self.signed = flag("signed", signed)
+        self.codes = np.zeros(shape, np.uint8)
+        self.scales = np.zeros(-(-self.codes.size // self.BLOCK), np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @classmethod
+    def from_float(cls, values: Any, *, signed: bool) -> QuantizedState:
+        """``values`` quantised (rounded to nearest)."""
+        values = np.ascontiguousarray(values, np.float32)
+        state = cls(values.shape, signed=signed)
+        _core.quantize(values, state.codes, state.scales, state.signed)
+        return state
+
+    def to_float(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """The float32 values the codes stand for."""
+        values = np.empty(self.codes.shape, np.float32)
+        _core.dequantize(self.codes, self.scales, self.signed, values)
+        return values
+
+    def copy(self) -> QuantizedState:
+        twin = QuantizedState(self.shape, signed=self.signed)
+        np.copyto(twin.codes, self.codes)
+        np.copyto(twin.scales, self.scales)
+        return twin
+
+    def __repr__(self) -> str:
+        kind = "first" if self.signed else "second"
+        return f"QuantizedState(shape={self.shape}, {kind} moments)"
+
+
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-_STATE_DTYPES = ("float32", "bfloat16")
+_STATE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _state_like(shape: tuple[int, ...], state_dtype: str, *, signed: bool) -> Any:
+    if state_dtype == "int8":
+        return QuantizedState(shape, signed=signed)
+    return np.zeros(shape, _dtype(state_dtype))
+
+
+def _copy_state_into(own: Any, saved: Any) -> None:
+    """``saved`` (an array or a QuantizedState) into ``own``, converting."""
+    if isinstance(own, QuantizedState):
+        if isinstance(saved, QuantizedState) and saved.signed == own.signed:
+            np.copyto(own.codes, saved.codes)
+            np.copyto(own.scales, saved.scales)
+        else:
+            values = saved.to_float() if isinstance(saved, QuantizedState) else saved
+            _core.quantize(
+                np.ascontiguousarray(values, np.float32), own.codes, own.scales, own.signed
+            )
+    else:
+        values = saved.to_float() if isinstance(saved, QuantizedState) else np.asarray(saved)
+        np.copyto(own, values.astype(own.dtype))
 
 
 def _dtype(name: str) -> np.dtype[Any]:
@@ -207,7 +283,9 @@ class HostAdamW:
     ``weight_decay`` may also be callables of the 1-based step count (a
     schedule).
 
-    Params may be float32, bfloat16 or float16. For 16-bit params,
+    ``state_dtype`` is ``"float32"``, ``"bfloat16"`` or ``"int8"`` (8-bit
+    block-wise, a `QuantizedState` per tensor). Params may be float32,
+    bfloat16 or float16. For 16-bit params,
     ``master_weights=True`` keeps float32 copies that the update runs on and
     writes the params as their rounded copies, in the same pass; without
     masters, ``rounding="stochastic"`` keeps small steps from being rounded
@@ -246,7 +324,9 @@ class HostAdamW:
                     "torch CPU tensor"
                 )
         if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+            raise ValueError(
+                f"state_dtype must be 'float32', 'bfloat16' or 'int8', got {state_dtype!r}"
+            )
         self.master_weights = flag("master_weights", master_weights)
         if self.master_weights and any(p.dtype == np.float32 for p in self.params):
             raise ValueError(
@@ -255,10 +335,14 @@ class HostAdamW:
             )
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and self.master_weights and state_dtype == "float32":
+        if (
+            rounding == "stochastic"
+            and state_dtype != "bfloat16"
+            and (self.master_weights or all(p.dtype == np.float32 for p in self.params))
+        ):
             raise ValueError(
-                "rounding='stochastic' has nothing to round with master_weights=True and "
-                "float32 state (the copies of the masters round to nearest)"
+                "rounding='stochastic' needs something to round: 16-bit params without "
+                "master weights, or state_dtype='bfloat16'"
             )
         self.learning_rate = learning_rate
         self.beta_1 = beta_1
@@ -277,10 +361,13 @@ class HostAdamW:
         self.master_params = (
             [p.astype(np.float32) for p in self.params] if self.master_weights else None
         )
-        state = _dtype(state_dtype)
-        self.exp_avgs = [np.zeros(p.shape, state) for p in self.params]
-        self.exp_avg_sqs = [np.zeros(p.shape, state) for p in self.params]
-        self.amsgrad_max = [np.zeros(p.shape, state) for p in self.params] if self.amsgrad else None
+        self.exp_avgs = [_state_like(p.shape, state_dtype, signed=True) for p in self.params]
+        self.exp_avg_sqs = [_state_like(p.shape, state_dtype, signed=False) for p in self.params]
+        self.amsgrad_max = (
+            [_state_like(p.shape, state_dtype, signed=False) for p in self.params]
+            if self.amsgrad
+            else None
+        )
         # Fail now, not at the first step, on bad hyperparameters.
         self._hyperparameters(1)
 
@@ -343,7 +430,7 @@ class HostAdamW:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores `state_dict()`'s output, also one saved by another
-        configuration (other state dtype: converted, rounding to nearest;
+        configuration (other state dtype, 8-bit included: converted, rounding to nearest;
         master weights saved but not kept here: the params take their rounded
         values; kept but not saved: made from the params). Checks everything
         before changing anything."""
@@ -369,6 +456,8 @@ class HostAdamW:
                         f"state[{name!r}][{i}] has shape {np.shape(array)} where params[{i}] "
                         f"has shape {p.shape}"
                     )
+                if isinstance(array, QuantizedState):
+                    continue
                 kind = np.asarray(array).dtype
                 if kind.name not in _FLOAT_DTYPES and kind != np.float64:
                     raise TypeError(f"state[{name!r}][{i}] must hold floats, got {kind}")
@@ -378,7 +467,7 @@ class HostAdamW:
 
         for name in names:
             for own, array in zip(getattr(self, name), state[name], strict=True):
-                np.copyto(own, np.asarray(array).astype(own.dtype))
+                _copy_state_into(own, array)
         if masters is not None:
             targets = self.params if self.master_params is None else self.master_params
             for own, array in zip(targets, masters, strict=True):

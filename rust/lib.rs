@@ -100,6 +100,30 @@ impl<'a> TensorSlices<'a> {
                 ));
             }
         }
+        if params.dtype() == DType::Q8 {
+            return Err(InvalidArgument::new(
+                "params",
+                "cannot be 8-bit block-wise (that is for state)",
+            ));
+        }
+        let state_lists = [Some(&exp_avg), Some(&exp_avg_sq), max_exp_avg_sq.as_ref()];
+        for (name, elements) in ["exp_avgs", "exp_avg_sqs", "amsgrad_max"]
+            .into_iter()
+            .zip(state_lists)
+        {
+            if let Some(Elements::Q8 { scales, .. }) = elements {
+                let blocks = dtype::q8::blocks(n);
+                if scales.len() != blocks {
+                    return Err(InvalidArgument::new(
+                        name,
+                        format!(
+                            "has {} block scales where {n} elements need {blocks}",
+                            scales.len()
+                        ),
+                    ));
+                }
+            }
+        }
         let state = exp_avg.dtype();
         let others = [
             ("exp_avg_sqs", Some(exp_avg_sq.dtype())),
@@ -140,10 +164,10 @@ impl<'a> TensorSlices<'a> {
                 ),
             ));
         }
-        if copy.dtype() == DType::F32 {
+        if !matches!(copy.dtype(), DType::Bf16 | DType::F16) {
             return Err(InvalidArgument::new(
                 "param_copies",
-                "must be bfloat16 or float16, got float32",
+                format!("must be bfloat16 or float16, got {}", copy.dtype().name()),
             ));
         }
         if copy.len() != self.len() {
@@ -174,7 +198,7 @@ impl<'a> TensorSlices<'a> {
         self.params.is_empty()
     }
 
-    /// Splits every slice at `mid`.
+    /// Splits every slice at `mid` (with 8-bit state, at the end of a block).
     pub fn split_at(self, mid: usize) -> (Self, Self) {
         let (p0, p1) = self.params.split_at(mid);
         let (g0, g1) = self.grads.split_at(mid);

@@ -2,14 +2,18 @@
 //! the first element is written; the kernel then runs with the GIL released.
 
 use crate::aliasing::{find_overlap, Region};
+use crate::dtype::q8;
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
 use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
 use crate::{DType, Elements, ElementsRef, Rounding};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
-use numpy::npyffi::types::NPY_TYPES::{NPY_FLOAT, NPY_HALF};
+use numpy::npyffi::types::NPY_TYPES::{self, NPY_FLOAT, NPY_HALF};
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
-use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDescr, PyArrayDescrMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyCapsule, PyDict, PyInt};
@@ -34,16 +38,17 @@ struct ArrayList<'py> {
     arrays: Vec<HostArray<'py>>,
 }
 
-/// One array and its dtype.
+/// One array and its dtype; for 8-bit state, the codes and their block scales.
 struct HostArray<'py> {
     array: Bound<'py, PyUntypedArray>,
     dtype: DType,
+    scales: Option<Bound<'py, PyUntypedArray>>,
 }
 
 const FLOAT32: &[DType] = &[DType::F32];
 const FLOATS: &[DType] = &[DType::F32, DType::Bf16, DType::F16];
 /// float16's range is too narrow for second moments (g² of 1e-4 underflows).
-const STATE: &[DType] = &[DType::F32, DType::Bf16];
+const STATE: &[DType] = &[DType::F32, DType::Bf16, DType::Q8];
 const HALVES: &[DType] = &[DType::Bf16, DType::F16];
 
 impl<'py> ArrayList<'py> {
@@ -59,7 +64,15 @@ impl<'py> ArrayList<'py> {
         let arrays = objects
             .iter()
             .enumerate()
-            .map(|(i, object)| host_array(object, || format!("{name}[{i}]"), written, allowed))
+            .map(|(i, object)| {
+                let label = || format!("{name}[{i}]");
+                if allowed.contains(&DType::Q8) && object.hasattr("codes")? {
+                    // First moments are signed, second moments (and their maxima) not.
+                    quantized_state(object, label, name == "exp_avgs")
+                } else {
+                    host_array(object, label, written, allowed)
+                }
+            })
             .collect::<PyResult<_>>()?;
         Ok(Self { name, arrays })
     }
@@ -109,11 +122,17 @@ impl<'py> ArrayList<'py> {
 
     /// Address ranges, labelled (list name, index) so no string is built unless one overlaps.
     fn regions(&self, written: bool) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
-        self.arrays.iter().enumerate().map(move |(i, a)| Region {
-            start: data(&a.array) as usize,
-            len_bytes: a.array.len() * a.dtype.size(),
-            written,
-            label: (self.name, i),
+        self.arrays.iter().enumerate().flat_map(move |(i, a)| {
+            let region = |array: &Bound<'_, PyUntypedArray>, size| Region {
+                start: data(array) as usize,
+                len_bytes: array.len() * size,
+                written,
+                label: (self.name, i),
+            };
+            let scales = a.scales.as_ref().map(|scales| region(scales, 4));
+            [Some(region(&a.array, a.dtype.size())), scales]
+                .into_iter()
+                .flatten()
         })
     }
 
@@ -201,6 +220,68 @@ fn host_array<'py>(
     Ok(HostArray {
         array: array.clone(),
         dtype,
+        scales: None,
+    })
+}
+
+/// A `keras_adamw.host.QuantizedState`: its codes (uint8, the tensor's shape)
+/// and block scales (float32), both C-contiguous and writable, of the format
+/// its role needs.
+fn quantized_state<'py>(
+    object: &Bound<'py, PyAny>,
+    label: impl Fn() -> String,
+    signed: bool,
+) -> PyResult<HostArray<'py>> {
+    let part = |name: &str, num: NPY_TYPES| -> PyResult<Bound<'py, PyUntypedArray>> {
+        let value = object.getattr(name)?;
+        let array = value.cast::<PyUntypedArray>().map_err(|_| {
+            PyTypeError::new_err(format!("{}.{name} must be a NumPy array", label()))
+        })?;
+        if array.dtype().num() != num as i32 {
+            return Err(PyTypeError::new_err(format!(
+                "{}.{name} has dtype {}: a QuantizedState's arrays are made by keras_adamw",
+                label(),
+                array.dtype()
+            )));
+        }
+        if !array.is_c_contiguous() || !array.is_aligned() || !is_writeable(array) {
+            return Err(invalid(
+                format!("{}.{name}", label()),
+                "must be C-contiguous, aligned and writable",
+            ));
+        }
+        Ok(array.clone())
+    };
+    let codes = part("codes", NPY_TYPES::NPY_UBYTE)?;
+    let scales = part("scales", NPY_TYPES::NPY_FLOAT)?;
+    let blocks = q8::blocks(codes.len());
+    if scales.len() != blocks {
+        return Err(invalid(
+            label(),
+            format!(
+                "has {} block scales where {} elements in blocks of {} need {blocks}",
+                scales.len(),
+                codes.len(),
+                q8::BLOCK
+            ),
+        ));
+    }
+    let is_signed: bool = object.getattr("signed")?.extract()?;
+    if is_signed != signed {
+        let (what, needs) = if signed {
+            ("first moments", "signed=True")
+        } else {
+            ("second moments", "signed=False")
+        };
+        return Err(invalid(
+            label(),
+            format!("holds {what}, which need a QuantizedState with {needs}"),
+        ));
+    }
+    Ok(HostArray {
+        array: codes,
+        dtype: DType::Q8,
+        scales: Some(scales),
     })
 }
 
@@ -248,6 +329,7 @@ impl HostArray<'_> {
                 DType::F32 => ElementsRef::F32(slice(data, len)),
                 DType::Bf16 => ElementsRef::Bf16(slice(data, len)),
                 DType::F16 => ElementsRef::F16(slice(data, len)),
+                DType::Q8 => unreachable!("8-bit arrays are state, never read-only"),
             }
         }
     }
@@ -262,6 +344,13 @@ impl HostArray<'_> {
                 DType::F32 => Elements::F32(slice_mut(data, len)),
                 DType::Bf16 => Elements::Bf16(slice_mut(data, len)),
                 DType::F16 => Elements::F16(slice_mut(data, len)),
+                DType::Q8 => {
+                    let scales = self.scales.as_ref().expect("8-bit state has scales");
+                    Elements::Q8 {
+                        codes: slice_mut(data, len),
+                        scales: slice_mut(self::data(scales), scales.len()),
+                    }
+                }
             }
         }
     }
@@ -382,11 +471,13 @@ impl<'py> StepArrays<'py> {
         Ok(arrays)
     }
 
-    /// Whether the step stores anything in a 16-bit type (where rounding matters).
-    fn writes_16_bit(&self) -> bool {
-        [&self.params, &self.exp_avgs]
-            .iter()
-            .any(|list| list.arrays.iter().any(|a| a.dtype != DType::F32))
+    /// Whether the step stores anything that can be rounded stochastically:
+    /// 16-bit params or bfloat16 state.
+    fn rounds_stochastically(&self) -> bool {
+        let any = |list: &ArrayList<'_>, dtypes: &[DType]| {
+            list.arrays.iter().any(|a| dtypes.contains(&a.dtype))
+        };
+        any(&self.params, HALVES) || any(&self.exp_avgs, &[DType::Bf16])
     }
 
     /// One AdamW step, in place or from `read_from`, with the GIL released.
@@ -614,7 +705,7 @@ fn adamw_update<'py>(
     })?;
     let rounding = match rounding {
         "nearest" => Rounding::Nearest,
-        "stochastic" if arrays.writes_16_bit() => Rounding::Stochastic {
+        "stochastic" if arrays.rounds_stochastically() => Rounding::Stochastic {
             seed,
             step: hyperparameters.step,
         },
@@ -622,7 +713,7 @@ fn adamw_update<'py>(
             return Err(invalid(
                 "rounding".into(),
                 "= 'stochastic' needs something to round: bfloat16 or float16 params, \
-                 or bfloat16 state (param_copies always round to nearest)",
+                 or bfloat16 state (param_copies and 8-bit state round to nearest)",
             ))
         }
         other => {
@@ -633,6 +724,68 @@ fn adamw_update<'py>(
         }
     };
     arrays.step(py, &constants, rounding, level)
+}
+
+/// Quantises float32 `values` into 8-bit `codes` and block `scales` (see
+/// `keras_adamw.host.QuantizedState`).
+#[pyfunction]
+fn quantize(
+    values: PyReadonlyArrayDyn<'_, f32>,
+    mut codes: PyReadwriteArrayDyn<'_, u8>,
+    mut scales: PyReadwriteArrayDyn<'_, f32>,
+    signed: bool,
+) -> PyResult<()> {
+    let (values, codes, scales) = contiguous(
+        values.as_slice(),
+        codes.as_slice_mut(),
+        scales.as_slice_mut(),
+    )?;
+    q8::quantize(values, codes, scales, signed);
+    Ok(())
+}
+
+/// The float32 values of 8-bit `codes` and block `scales`, written into `values`.
+#[pyfunction]
+fn dequantize(
+    codes: PyReadonlyArrayDyn<'_, u8>,
+    scales: PyReadonlyArrayDyn<'_, f32>,
+    signed: bool,
+    mut values: PyReadwriteArrayDyn<'_, f32>,
+) -> PyResult<()> {
+    let (values, codes, scales) =
+        contiguous(values.as_slice_mut(), codes.as_slice(), scales.as_slice())?;
+    q8::dequantize(codes, scales, signed, values);
+    Ok(())
+}
+
+/// Contiguous slices of matching lengths (one scale per block), or a `ValueError`.
+fn contiguous<A, B, C>(
+    values: Result<A, numpy::AsSliceError>,
+    codes: Result<B, numpy::AsSliceError>,
+    scales: Result<C, numpy::AsSliceError>,
+) -> PyResult<(A, B, C)>
+where
+    A: AsRef<[f32]>,
+    B: AsRef<[u8]>,
+    C: AsRef<[f32]>,
+{
+    let not_contiguous = |_| invalid("arrays".into(), "must be C-contiguous");
+    let (values, codes, scales) = (
+        values.map_err(not_contiguous)?,
+        codes.map_err(not_contiguous)?,
+        scales.map_err(not_contiguous)?,
+    );
+    let n = values.as_ref().len();
+    if codes.as_ref().len() != n || scales.as_ref().len() != q8::blocks(n) {
+        return Err(invalid(
+            "codes".into(),
+            format!(
+                "and scales must hold {n} codes and {} scales",
+                q8::blocks(n)
+            ),
+        ));
+    }
+    Ok((values, codes, scales))
 }
 
 /// The benchmark's ceiling: `p += g; m += g; v += g` in place, same threads and chunks.
@@ -770,6 +923,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adamw_update, m)?)?;
     m.add_function(wrap_pyfunction!(check_hyperparameters, m)?)?;
     m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(xla_ffi_handler, m)?)?;
     m.add_function(wrap_pyfunction!(register_host_state, m)?)?;
@@ -782,5 +937,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SIMD_ENV_VAR", simd::SIMD_ENV_VAR)?;
     m.add("THREADS_ENV_VAR", parallel::THREADS_ENV_VAR)?;
+    m.add("QUANTIZATION_BLOCK", q8::BLOCK)?;
     Ok(())
 }

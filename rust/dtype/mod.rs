@@ -8,6 +8,7 @@
 
 pub mod bf16;
 pub mod f16;
+pub mod q8;
 pub mod stochastic;
 
 use crate::simd::{Bits, Lanes};
@@ -20,6 +21,8 @@ pub enum DType {
     F32,
     Bf16,
     F16,
+    /// 8-bit block-wise quantised state (`q8`).
+    Q8,
 }
 
 impl DType {
@@ -28,13 +31,16 @@ impl DType {
             Self::F32 => "float32",
             Self::Bf16 => "bfloat16",
             Self::F16 => "float16",
+            Self::Q8 => "8-bit block-wise",
         }
     }
 
+    /// Bytes per element (an 8-bit element's share of its block's scale aside).
     pub fn size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::Bf16 | Self::F16 => 2,
+            Self::Q8 => 1,
         }
     }
 }
@@ -85,44 +91,51 @@ impl Element for f32 {
     }
 }
 
-/// Slices of one dtype, mutable (`Elements`) or shared (`ElementsRef`).
-macro_rules! element_slices {
-    ($name:ident, $($reference:tt)+) => {
-        #[derive(Debug)]
-        pub enum $name<'a> {
-            F32($($reference)+ [f32]),
-            Bf16($($reference)+ [Bf16]),
-            F16($($reference)+ [F16]),
-        }
-
-        impl<'a> $name<'a> {
-            pub fn dtype(&self) -> DType {
-                match self {
-                    Self::F32(_) => DType::F32,
-                    Self::Bf16(_) => DType::Bf16,
-                    Self::F16(_) => DType::F16,
-                }
-            }
-
-            pub fn len(&self) -> usize {
-                match self {
-                    Self::F32(x) => x.len(),
-                    Self::Bf16(x) => x.len(),
-                    Self::F16(x) => x.len(),
-                }
-            }
-
-            pub fn is_empty(&self) -> bool {
-                self.len() == 0
-            }
-        }
-    };
+/// Mutable slices of one dtype; 8-bit state as its codes and block scales.
+#[derive(Debug)]
+pub enum Elements<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [Bf16]),
+    F16(&'a mut [F16]),
+    Q8 {
+        codes: &'a mut [u8],
+        /// One per `q8::BLOCK` codes (the last block may be short).
+        scales: &'a mut [f32],
+    },
 }
 
-element_slices!(Elements, &'a mut);
-element_slices!(ElementsRef, &'a);
+/// Shared slices of one dtype.
+#[derive(Debug)]
+pub enum ElementsRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [Bf16]),
+    F16(&'a [F16]),
+}
 
 impl<'a> Elements<'a> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::Bf16(_) => DType::Bf16,
+            Self::F16(_) => DType::F16,
+            Self::Q8 { .. } => DType::Q8,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(x) => x.len(),
+            Self::Bf16(x) => x.len(),
+            Self::F16(x) => x.len(),
+            Self::Q8 { codes, .. } => codes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Splits at `mid`; for 8-bit state `mid` must end a block (or the slice).
     pub fn split_at(self, mid: usize) -> (Self, Self) {
         match self {
             Self::F32(x) => {
@@ -137,6 +150,24 @@ impl<'a> Elements<'a> {
                 let (a, b) = x.split_at_mut(mid);
                 (Self::F16(a), Self::F16(b))
             }
+            Self::Q8 { codes, scales } => {
+                assert!(
+                    mid.is_multiple_of(q8::BLOCK) || mid == codes.len(),
+                    "8-bit state splits between blocks"
+                );
+                let (c0, c1) = codes.split_at_mut(mid);
+                let (s0, s1) = scales.split_at_mut(q8::blocks(mid));
+                (
+                    Self::Q8 {
+                        codes: c0,
+                        scales: s0,
+                    },
+                    Self::Q8 {
+                        codes: c1,
+                        scales: s1,
+                    },
+                )
+            }
         }
     }
 
@@ -150,6 +181,26 @@ impl<'a> Elements<'a> {
 }
 
 impl<'a> ElementsRef<'a> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::Bf16(_) => DType::Bf16,
+            Self::F16(_) => DType::F16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(x) => x.len(),
+            Self::Bf16(x) => x.len(),
+            Self::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn split_at(self, mid: usize) -> (Self, Self) {
         match self {
             Self::F32(x) => {

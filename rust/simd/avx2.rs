@@ -146,4 +146,37 @@ impl Bits for Avx2Bits {
         let ordered = unsafe { _mm256_permute4x64_epi64::<0b1000>(packed) };
         unsafe { _mm_storeu_si128(to.cast(), _mm256_castsi256_si128(ordered)) }
     }
+    #[inline(always)]
+    unsafe fn load_u8(from: *const u8) -> Self {
+        Self(unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(from.cast())) })
+    }
+    #[inline(always)]
+    unsafe fn store_u8(self, to: *mut u8) {
+        // Packed to 16 then 8 bits within each 128-bit half: four bytes per half.
+        let words = unsafe { _mm256_packus_epi32(self.0, self.0) };
+        let bytes = unsafe { _mm256_packus_epi16(words, words) };
+        let low = unsafe { _mm256_castsi256_si128(bytes) };
+        let high = unsafe { _mm256_extracti128_si256::<1>(bytes) };
+        unsafe { _mm_storel_epi64(to.cast(), _mm_unpacklo_epi32(low, high)) }
+    }
+    #[inline(always)]
+    fn min(self, other: Self) -> Self {
+        Self(unsafe { _mm256_min_epu32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        Self(unsafe { _mm256_max_epu32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> u32 {
+        let halves = unsafe {
+            _mm_max_epu32(
+                _mm256_castsi256_si128(self.0),
+                _mm256_extracti128_si256::<1>(self.0),
+            )
+        };
+        let pairs = unsafe { _mm_max_epu32(halves, _mm_shuffle_epi32::<0b01_00_11_10>(halves)) };
+        let one = unsafe { _mm_max_epu32(pairs, _mm_shuffle_epi32::<0b10_11_00_01>(pairs)) };
+        unsafe { _mm_cvtsi128_si32(one) as u32 }
+    }
 }

@@ -143,4 +143,24 @@ impl Bits for Avx512Bits {
     unsafe fn store_u16(self, to: *mut u16) {
         unsafe { _mm256_storeu_si256(to.cast(), _mm512_cvtepi32_epi16(self.0)) }
     }
+    #[inline(always)]
+    unsafe fn load_u8(from: *const u8) -> Self {
+        Self(unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(from.cast())) })
+    }
+    #[inline(always)]
+    unsafe fn store_u8(self, to: *mut u8) {
+        unsafe { _mm_storeu_si128(to.cast(), _mm512_cvtepi32_epi8(self.0)) }
+    }
+    #[inline(always)]
+    fn min(self, other: Self) -> Self {
+        Self(unsafe { _mm512_min_epu32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        Self(unsafe { _mm512_max_epu32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> u32 {
+        unsafe { _mm512_reduce_max_epu32(self.0) }
+    }
 }

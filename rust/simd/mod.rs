@@ -13,13 +13,16 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use crate::dtype::stochastic::{self, Rounding, Stream};
-use crate::dtype::{Bf16, DType, Element, Elements, Typed, F16};
-use crate::math::{update_element, InvalidArgument, StepConstants};
+mod update;
+
+use crate::dtype::stochastic::Rounding;
+use crate::dtype::F16;
+use crate::math::{InvalidArgument, StepConstants};
 use crate::TensorSlices;
 use std::ops::{Add, Div, Mul, Sub};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
+use update::update_with;
 
 /// Environment variable that caps the SIMD level (read once, at first use).
 pub const SIMD_ENV_VAR: &str = "KERAS_ADAMW_SIMD";
@@ -196,6 +199,21 @@ pub trait Bits: Copy {
     /// # Safety
     /// `LANES` u16s must be writable at `to`.
     unsafe fn store_u16(self, to: *mut u16);
+    /// `LANES` bytes at `from`, zero-extended.
+    ///
+    /// # Safety
+    /// `LANES` bytes must be readable at `from`.
+    unsafe fn load_u8(from: *const u8) -> Self;
+    /// Each lane (which must be below 2^8) stored as a byte at `to`.
+    ///
+    /// # Safety
+    /// `LANES` bytes must be writable at `to`.
+    unsafe fn store_u8(self, to: *mut u8);
+    /// Lane-wise unsigned minimum and maximum.
+    fn min(self, other: Self) -> Self;
+    fn max(self, other: Self) -> Self;
+    /// The largest lane.
+    fn reduce_max(self) -> u32;
 }
 
 /// One lane: the scalar reference.
@@ -322,6 +340,28 @@ impl Bits for u32 {
         // SAFETY: the caller's contract.
         unsafe { to.write(self as u16) }
     }
+    #[inline(always)]
+    unsafe fn load_u8(from: *const u8) -> Self {
+        // SAFETY: the caller's contract.
+        u32::from(unsafe { from.read() })
+    }
+    #[inline(always)]
+    unsafe fn store_u8(self, to: *mut u8) {
+        // SAFETY: the caller's contract.
+        unsafe { to.write(self as u8) }
+    }
+    #[inline(always)]
+    fn min(self, other: Self) -> Self {
+        Ord::min(self, other)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        Ord::max(self, other)
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> u32 {
+        self
+    }
 }
 
 /// Implements `Add`, `Sub`, `Mul` and `Div` for an ISA's vector newtype with
@@ -366,170 +406,6 @@ macro_rules! vector_arithmetic {
 }
 #[allow(unused_imports)] // not every target has a vector ISA module
 use vector_arithmetic;
-
-/// The update of one tensor's slices in vectors of `V`: the slices' dtypes
-/// picked once here, then a loop for that combination.
-#[inline(always)]
-fn update_with<V: Lanes>(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
-    match t.params.dtype() {
-        DType::F32 => with_params::<V, f32>(t, c, rounding),
-        DType::Bf16 => with_params::<V, Bf16>(t, c, rounding),
-        DType::F16 => with_params::<V, F16>(t, c, rounding),
-    }
-}
-
-#[inline(always)]
-fn with_params<V: Lanes, P: Typed>(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
-    match t.grads.dtype() {
-        DType::F32 => with_grads::<V, P, f32>(t, c, rounding),
-        DType::Bf16 => with_grads::<V, P, Bf16>(t, c, rounding),
-        DType::F16 => with_grads::<V, P, F16>(t, c, rounding),
-    }
-}
-
-#[inline(always)]
-fn with_grads<V: Lanes, P: Typed, G: Typed>(
-    t: TensorSlices<'_>,
-    c: &StepConstants,
-    rounding: Rounding,
-) {
-    match t.exp_avg.dtype() {
-        DType::F32 => update_typed::<V, P, G, f32>(t, c, rounding),
-        DType::Bf16 => update_typed::<V, P, G, Bf16>(t, c, rounding),
-        DType::F16 => update_typed::<V, P, G, F16>(t, c, rounding),
-    }
-}
-
-/// Where a step writes its results, as pointers of the slices' element types.
-struct Destinations<P, G, S> {
-    params: *mut P,
-    grads: *const G,
-    exp_avg: *mut S,
-    exp_avg_sq: *mut S,
-    max_exp_avg_sq: Option<*mut S>,
-    param_copy: Option<CopyOut>,
-}
-
-#[derive(Clone, Copy)]
-enum CopyOut {
-    Bf16(*mut Bf16),
-    F16(*mut F16),
-}
-
-/// The random-bit keys of a run of elements whose indices share their upper 32 bits.
-#[derive(Clone, Copy)]
-struct Keys {
-    params: u32,
-    exp_avg: u32,
-    exp_avg_sq: u32,
-}
-
-#[inline(always)]
-fn update_typed<V: Lanes, P: Typed, G: Typed, S: Typed>(
-    t: TensorSlices<'_>,
-    c: &StepConstants,
-    rounding: Rounding,
-) {
-    let n = t.len();
-    let (tensor, start) = (t.tensor, t.start);
-    let state_mismatch = "TensorSlices::from_elements checks the dtypes";
-    let typed = |e| S::of(e).expect(state_mismatch);
-    let at = Destinations {
-        params: P::of(t.params).expect(state_mismatch).as_mut_ptr(),
-        grads: G::of_ref(t.grads).expect(state_mismatch).as_ptr(),
-        exp_avg: typed(t.exp_avg).as_mut_ptr(),
-        exp_avg_sq: typed(t.exp_avg_sq).as_mut_ptr(),
-        max_exp_avg_sq: t.max_exp_avg_sq.map(|x| typed(x).as_mut_ptr()),
-        param_copy: t.param_copy.map(|copy| match copy {
-            Elements::Bf16(x) => CopyOut::Bf16(x.as_mut_ptr()),
-            Elements::F16(x) => CopyOut::F16(x.as_mut_ptr()),
-            Elements::F32(_) => unreachable!("TensorSlices::with_param_copy checks the dtype"),
-        }),
-    };
-    // Runs of elements whose indices share their upper 32 bits (the random
-    // bits hash the lower 32), each in whole vectors and then a scalar tail.
-    let mut from = 0;
-    while from < n {
-        let index = start + from as u64;
-        let to = n.min(from + ((1u64 << 32) - (index & 0xFFFF_FFFF)) as usize);
-        let keys = match rounding {
-            Rounding::Nearest => None,
-            Rounding::Stochastic { seed, step } => {
-                let key = |stream| stochastic::stream_key(seed, step, tensor, stream, index >> 32);
-                Some(Keys {
-                    params: key(Stream::Params),
-                    exp_avg: key(Stream::ExpAvg),
-                    exp_avg_sq: key(Stream::ExpAvgSq),
-                })
-            }
-        };
-        let body = to - (to - from) % V::LANES;
-        // SAFETY: from..to lies within the slices, all `n` long (checked by TensorSlices).
-        unsafe {
-            update_run::<V, P, G, S>(&at, from, body, index, keys, c);
-            update_run::<f32, P, G, S>(&at, body, to, index + (body - from) as u64, keys, c);
-        }
-        from = to;
-    }
-}
-
-/// The update of elements `from..to` (a multiple of `V::LANES` of them), the
-/// first of which has index `index` in its tensor.
-///
-/// # Safety
-/// Every pointer of `at` must be valid for elements `from..to`, and no two may overlap.
-#[inline(always)]
-unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
-    at: &Destinations<P, G, S>,
-    from: usize,
-    to: usize,
-    index: u64,
-    keys: Option<Keys>,
-    c: &StepConstants,
-) {
-    let c = c.splat::<V>();
-    for i in (from..to).step_by(V::LANES) {
-        // SAFETY (the block): i + LANES <= to, within every slice (the caller's contract).
-        unsafe {
-            let v_max = at.max_exp_avg_sq.map(|x| S::load::<V>(x.add(i)));
-            let [p, m, v, v_hat] = update_element(
-                P::load::<V>(at.params.add(i)),
-                G::load::<V>(at.grads.add(i)),
-                S::load::<V>(at.exp_avg.add(i)),
-                S::load::<V>(at.exp_avg_sq.add(i)),
-                v_max,
-                &c,
-            );
-            match keys {
-                None => {
-                    P::store(p, at.params.add(i));
-                    S::store(m, at.exp_avg.add(i));
-                    S::store(v, at.exp_avg_sq.add(i));
-                    if let Some(x) = at.max_exp_avg_sq {
-                        S::store(v_hat, x.add(i));
-                    }
-                }
-                Some(keys) => {
-                    let low = (index + (i - from) as u64) as u32;
-                    let lanes = V::Bits::splat(low).add(V::Bits::lane_indices());
-                    let random = |key| stochastic::random_bits(lanes, key);
-                    P::store_stochastic(p, random(keys.params), at.params.add(i));
-                    S::store_stochastic(m, random(keys.exp_avg), at.exp_avg.add(i));
-                    let random_v = random(keys.exp_avg_sq);
-                    S::store_stochastic(v, random_v, at.exp_avg_sq.add(i));
-                    if let Some(x) = at.max_exp_avg_sq {
-                        S::store_stochastic(v_hat, random_v, x.add(i));
-                    }
-                }
-            }
-            match at.param_copy {
-                None => {}
-                Some(CopyOut::Bf16(x)) => Bf16::store(p, x.add(i)),
-                Some(CopyOut::F16(x)) => F16::store(p, x.add(i)),
-            }
-        }
-    }
-}
 
 /// The scalar reference over whole slices.
 pub fn update_scalar(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {

@@ -150,4 +150,30 @@ impl Bits for NeonBits {
     unsafe fn store_u16(self, to: *mut u16) {
         unsafe { vst1_u16(to, vmovn_u32(self.0)) }
     }
+    #[inline(always)]
+    unsafe fn load_u8(from: *const u8) -> Self {
+        // Exactly four bytes are read (vld1_u8 would read eight).
+        let word = unsafe { from.cast::<u32>().read_unaligned() };
+        let bytes = unsafe { vcreate_u8(u64::from(word)) };
+        Self(unsafe { vmovl_u16(vget_low_u16(vmovl_u8(bytes))) })
+    }
+    #[inline(always)]
+    unsafe fn store_u8(self, to: *mut u8) {
+        let halves = unsafe { vmovn_u32(self.0) };
+        let bytes = unsafe { vmovn_u16(vcombine_u16(halves, halves)) };
+        let word = unsafe { vget_lane_u32::<0>(vreinterpret_u32_u8(bytes)) };
+        unsafe { to.cast::<u32>().write_unaligned(word) }
+    }
+    #[inline(always)]
+    fn min(self, other: Self) -> Self {
+        Self(unsafe { vminq_u32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        Self(unsafe { vmaxq_u32(self.0, other.0) })
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> u32 {
+        unsafe { vmaxvq_u32(self.0) }
+    }
 }

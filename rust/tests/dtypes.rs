@@ -3,6 +3,7 @@
 //! stochastic rounding; results independent of threads and splits; and a
 //! 16-bit step equal to the float32 step on the widened values, rounded.
 
+use keras_adamw_core::dtype::q8;
 use keras_adamw_core::parallel::{adamw_step, set_num_threads};
 use keras_adamw_core::simd::{self, supported_levels, update_scalar};
 use keras_adamw_core::{
@@ -17,15 +18,28 @@ enum Column {
     F32(Vec<f32>),
     Bf16(Vec<Bf16>),
     F16(Vec<F16>),
+    /// 8-bit state: codes, block scales, and whether the format is signed (m).
+    Q8(Vec<u8>, Vec<f32>, bool),
 }
 
 impl Column {
-    /// `values` rounded to nearest in `dtype`.
+    /// `values` rounded to nearest in `dtype` (8-bit: signed, as for m).
     fn new(dtype: DType, values: &[f32]) -> Self {
+        Self::of_role(dtype, values, true)
+    }
+
+    /// As `new`, with 8-bit values in the format of m (`signed`) or of v.
+    fn of_role(dtype: DType, values: &[f32], signed: bool) -> Self {
         match dtype {
             DType::F32 => Self::F32(values.to_vec()),
             DType::Bf16 => Self::Bf16(values.iter().map(|&x| Bf16::from_f32(x)).collect()),
             DType::F16 => Self::F16(values.iter().map(|&x| F16::from_f32(x)).collect()),
+            DType::Q8 => {
+                let mut codes = vec![0u8; values.len()];
+                let mut scales = vec![0.0; q8::blocks(values.len())];
+                q8::quantize(values, &mut codes, &mut scales, signed);
+                Self::Q8(codes, scales, signed)
+            }
         }
     }
 
@@ -34,6 +48,7 @@ impl Column {
             Self::F32(x) => Elements::F32(x),
             Self::Bf16(x) => Elements::Bf16(x),
             Self::F16(x) => Elements::F16(x),
+            Self::Q8(codes, scales, _) => Elements::Q8 { codes, scales },
         }
     }
 
@@ -42,6 +57,7 @@ impl Column {
             Self::F32(x) => ElementsRef::F32(x),
             Self::Bf16(x) => ElementsRef::Bf16(x),
             Self::F16(x) => ElementsRef::F16(x),
+            Self::Q8(..) => unreachable!("8-bit data is only ever state"),
         }
     }
 
@@ -50,6 +66,11 @@ impl Column {
             Self::F32(x) => x.clone(),
             Self::Bf16(x) => x.iter().map(|x| x.to_f32()).collect(),
             Self::F16(x) => x.iter().map(|x| x.to_f32()).collect(),
+            Self::Q8(codes, scales, signed) => {
+                let mut values = vec![0.0; codes.len()];
+                q8::dequantize(codes, scales, *signed, &mut values);
+                values
+            }
         }
     }
 
@@ -95,9 +116,9 @@ impl Tensor {
         Self {
             p: Column::new(p, &uniform_values(n, seed, 1.0)),
             g: Column::new(g, &uniform_values(n, seed + 1, 0.1)),
-            m: Column::new(state, &uniform_values(n, seed + 2, 0.01)),
-            v: Column::new(state, &v),
-            max_v: amsgrad.then(|| Column::new(state, &max_v)),
+            m: Column::of_role(state, &uniform_values(n, seed + 2, 0.01), true),
+            v: Column::of_role(state, &v, false),
+            max_v: amsgrad.then(|| Column::of_role(state, &max_v, false)),
             copy: copy.map(|dtype| Column::new(dtype, &vec![0.0; n])),
         }
     }
@@ -155,7 +176,7 @@ fn combinations() -> Vec<([DType; 3], Option<DType>, bool)> {
     let mut all = Vec::new();
     for p in DTYPES {
         for g in DTYPES {
-            for state in DTYPES {
+            for state in DTYPES.into_iter().chain([DType::Q8]) {
                 let copies: &[Option<DType>] = if p == DType::F32 {
                     &[None, Some(DType::Bf16), Some(DType::F16)]
                 } else {
@@ -176,10 +197,11 @@ const ROUNDINGS: [Rounding; 2] = [Rounding::Nearest, Rounding::Stochastic { seed
 
 #[test]
 fn every_level_matches_the_scalar_reference_for_every_dtype_combination() {
-    // 101 elements: whole vectors at every level, and a scalar tail.
+    // 1001 elements: whole vectors at every level, a scalar tail, 8-bit blocks
+    // and a short last one.
     for (dtypes, copy, amsgrad) in combinations() {
         for rounding in ROUNDINGS {
-            let before = Tensor::random(101, 11, dtypes, amsgrad, copy);
+            let before = Tensor::random(1001, 11, dtypes, amsgrad, copy);
             let mut reference = before.clone();
             update_scalar(reference.slices(), &constants(7), rounding);
             assert_ne!(reference, before);
@@ -288,24 +310,47 @@ fn a_16_bit_step_is_the_float32_step_on_the_widened_values_rounded() {
         let level = simd::active_level().unwrap();
         simd::update(level, t.slices(), &constants(3), Rounding::Nearest);
         let [p, _, state] = dtypes;
-        let rounded = |dtype, c: &Column| Column::new(dtype, &c.to_f32()).canonical_bits();
+        let rounded = |dtype, c: &Column, signed| {
+            Column::of_role(dtype, &c.to_f32(), signed).canonical_bits()
+        };
         let what = format!("{dtypes:?} copy {copy:?} amsgrad {amsgrad}");
-        assert_same(&t.p.canonical_bits(), &rounded(p, &wide.p), &what);
-        assert_same(&t.m.canonical_bits(), &rounded(state, &wide.m), &what);
-        assert_same(&t.v.canonical_bits(), &rounded(state, &wide.v), &what);
+        assert_same(&t.p.canonical_bits(), &rounded(p, &wide.p, true), &what);
+        assert_same(&t.m.canonical_bits(), &rounded(state, &wide.m, true), &what);
+        assert_same(
+            &t.v.canonical_bits(),
+            &rounded(state, &wide.v, false),
+            &what,
+        );
         if let (Some(max_v), Some(wide_max_v)) = (&t.max_v, &wide.max_v) {
-            assert_same(&max_v.canonical_bits(), &rounded(state, wide_max_v), &what);
+            assert_same(
+                &max_v.canonical_bits(),
+                &rounded(state, wide_max_v, false),
+                &what,
+            );
         }
         if let (Some(copy), Some(dtype)) = (&t.copy, copy) {
-            assert_same(&copy.canonical_bits(), &rounded(dtype, &wide.p), &what);
+            assert_same(
+                &copy.canonical_bits(),
+                &rounded(dtype, &wide.p, true),
+                &what,
+            );
         }
     }
 }
 
 #[test]
 fn stochastic_results_do_not_depend_on_threads_or_splits() {
+    results_do_not_depend_on_threads_or_splits([DType::Bf16, DType::Bf16, DType::Bf16], 1);
+}
+
+#[test]
+fn eight_bit_results_do_not_depend_on_threads_or_splits() {
+    // Cuts at block boundaries: 8-bit state splits there (as the chunks do).
+    results_do_not_depend_on_threads_or_splits([DType::Bf16, DType::F32, DType::Q8], q8::BLOCK);
+}
+
+fn results_do_not_depend_on_threads_or_splits(dtypes: [DType; 3], align: usize) {
     let n = 1_000_003;
-    let dtypes = [DType::Bf16, DType::Bf16, DType::Bf16];
     let rounding = Rounding::Stochastic { seed: 9, step: 4 };
     let before = Tensor::random(n, 42, dtypes, true, None);
     let mut reference = before.clone();
@@ -321,11 +366,13 @@ fn stochastic_results_do_not_depend_on_threads_or_splits() {
     );
     for threads in [1, 2, 3] {
         set_num_threads(threads).unwrap();
-        for cuts in [
+        let cut_lists: [Vec<usize>; 3] = [
             vec![],
             vec![17, 500_000],
             (1..300).map(|i| i * 3331 + i % 7).collect(),
-        ] {
+        ];
+        for cuts in cut_lists {
+            let cuts: Vec<usize> = cuts.iter().map(|cut| cut - cut % align).collect();
             let mut t = before.clone();
             let mut tensors = Vec::new();
             let mut rest = t.slices();

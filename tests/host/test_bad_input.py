@@ -45,7 +45,8 @@ ARRAY_CASES = [
         "not an array",
         lambda a: with_last(a, "exp_avgs", [0.0] * 6),
         TypeError,
-        r"exp_avgs\[2\] must be a NumPy array or torch CPU tensor of float32 or bfloat16, got list",
+        r"exp_avgs\[2\] must be a NumPy array or torch CPU tensor of float32, bfloat16 or "
+        r"8-bit block-wise, got list",
     ),
     (
         "None in a list",

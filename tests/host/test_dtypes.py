@@ -191,7 +191,7 @@ BAD = [
         "float16 state",
         dict(exp_avg_sqs=np.zeros(8, F16)),
         TypeError,
-        r"exp_avg_sqs\[0\] must have dtype float32 or bfloat16, got float16",
+        r"exp_avg_sqs\[0\] must have dtype float32, bfloat16 or 8-bit block-wise, got float16",
     ),
     (
         "state of two dtypes",
@@ -359,7 +359,7 @@ def test_host_adamw_masters_survive_a_checkpoint():
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        (dict(state_dtype="int8"), ValueError, "state_dtype must be 'float32' or 'bfloat16'"),
+        (dict(state_dtype="int4"), ValueError, "state_dtype must be 'float32', 'bfloat16' or"),
         (dict(state_dtype="float16"), ValueError, "state_dtype must be"),
         (dict(master_weights=True), ValueError, "master_weights=True needs bfloat16 or float16"),
         (dict(master_weights="yes"), TypeError, "master_weights must be True or False"),
@@ -370,3 +370,114 @@ def test_host_adamw_masters_survive_a_checkpoint():
 def test_host_adamw_refuses_bad_dtype_options(options, error, message):
     with pytest.raises(error, match=message):
         host.HostAdamW([np.zeros(4, F32)], **options)
+
+
+def format_values(signed):
+    """Every code's value at scale 1, from the format's description (not the
+    kernel's code): sign, then exponent and mantissa bits; subnormal at 0."""
+    codes = np.arange(256)
+    exponent_bits = 4 if signed else 5
+    magnitude = codes & 0x7F if signed else codes
+    exponent, mantissa = magnitude >> 3, (magnitude & 7) / 8
+    bias = 2**exponent_bits - 1
+    value = np.where(
+        exponent == 0,
+        mantissa * 2.0 ** (1 - bias),
+        (1 + mantissa) * 2.0 ** (exponent - bias),
+    )
+    return np.where(signed & (codes >= 128), -value, value)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8_bit_codes_decode_as_described_and_encode_to_the_nearest(signed):
+    rng = np.random.default_rng(6)
+    n = 10 * host.QuantizedState.BLOCK + 77
+    values = rng.standard_normal(n) * np.exp(rng.uniform(-12, 2, n))
+    if not signed:
+        values = values**2
+    state = host.QuantizedState.from_float(values, signed=signed)
+    table = format_values(signed)
+    scale = np.repeat(state.scales.astype(np.float64), host.QuantizedState.BLOCK)[:n]
+    decoded = state.to_float()
+    np.testing.assert_array_equal(decoded, (table[state.codes] * scale).astype(np.float32))
+    # Each block's scale is its largest magnitude / 1.875 (the largest code).
+    blocks = np.array_split(np.abs(values).astype(np.float32), range(256, n, 256))
+    np.testing.assert_allclose(state.scales, [b.max() / 1.875 for b in blocks], rtol=1e-6)
+    # Nearest among all 256 codes, found by brute force (ties may go either way).
+    distances = np.abs(table[None, :] * scale[:, None] - values.astype(np.float32)[:, None])
+    chosen = distances[np.arange(n), state.codes]
+    assert np.all(chosen <= distances.min(1) * (1 + 1e-6) + 1e-30)
+
+
+def test_8_bit_state_follows_the_float64_reference_within_its_rounding():
+    rng = np.random.default_rng(7)
+    n = 5000
+    p = rng.standard_normal(n).astype(F32)
+    g = (rng.standard_normal(n) * 0.03).astype(BF16)
+    m = host.QuantizedState.from_float(rng.standard_normal(n) * 0.01, signed=True)
+    v = host.QuantizedState.from_float(rng.uniform(1e-6, 1e-3, n), signed=False)
+    expected = reference_step(
+        dict(params=p, grads=g, exp_avgs=m.to_float(), exp_avg_sqs=v.to_float()), step=4
+    )
+    host.adamw_update(p, g, m, v, step=4, **HYPER)
+    # The params use the new moments before they are rounded: float32 accuracy.
+    np.testing.assert_allclose(p, expected["params"], rtol=2e-6, atol=1e-8)
+    for state, exact in ((m, expected["exp_avgs"]), (v, expected["exp_avg_sqs"])):
+        scale = np.repeat(state.scales, host.QuantizedState.BLOCK)[:n].astype(np.float64)
+        smallest_step = scale * 2.0 ** (-17 if state.signed else -33)
+        error = np.abs(state.to_float() - exact)
+        assert np.all(error <= np.abs(exact) / 16 * 1.0001 + smallest_step)
+
+
+def test_8_bit_state_round_trips_through_checkpoints_and_converts():
+    rng = np.random.default_rng(8)
+    initial = [rng.standard_normal(1000).astype(F32)]
+    grads = [[(rng.standard_normal(1000) * 0.1).astype(F32)] for _ in range(6)]
+
+    def optimizer(**options):
+        return host.HostAdamW([p.copy() for p in initial], learning_rate=1e-2, **options)
+
+    first = optimizer(state_dtype="int8", amsgrad=True)
+    for step_grads in grads[:3]:
+        first.step(step_grads)
+    saved = first.state_dict()
+    second = optimizer(state_dtype="int8", amsgrad=True)
+    second.params[0][...] = first.params[0]
+    second.load_state_dict(saved)
+    for name in ("exp_avgs", "exp_avg_sqs", "amsgrad_max"):
+        ours, theirs = getattr(second, name)[0], saved[name][0]
+        assert np.array_equal(ours.codes, theirs.codes) and np.array_equal(
+            ours.scales, theirs.scales
+        )
+    for step_grads in grads[3:]:
+        first.step(step_grads)
+        second.step(step_grads)
+    assert np.array_equal(first.params[0], second.params[0])
+    # Into float32 state (decoded) and back into 8-bit (encoded again: the same codes).
+    full = optimizer(amsgrad=True)
+    full.load_state_dict(saved)
+    assert np.array_equal(full.exp_avgs[0], saved["exp_avgs"][0].to_float())
+    again = optimizer(state_dtype="int8", amsgrad=True)
+    again.load_state_dict(full.state_dict())
+    assert np.array_equal(again.exp_avg_sqs[0].codes, saved["exp_avg_sqs"][0].codes)
+
+
+def test_8_bit_state_of_the_wrong_kind_or_size_is_refused():
+    p, g = np.ones(600, F32), np.ones(600, F32)
+    m, v = host.QuantizedState(600, signed=True), host.QuantizedState(600, signed=False)
+    before = p.copy()
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] holds first moments, which need a "):
+        host.adamw_update(p, g, v, m, step=1, **HYPER)
+    short = host.QuantizedState(600, signed=False)
+    short.scales = short.scales[:2]
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] has 2 block scales where 600"):
+        host.adamw_update(p, g, m, short, step=1, **HYPER)
+    wrong = host.QuantizedState(600, signed=False)
+    wrong.codes = wrong.codes.astype(np.int16)
+    with pytest.raises(TypeError, match=r"exp_avg_sqs\[0\]\.codes has dtype int16"):
+        host.adamw_update(p, g, m, wrong, step=1, **HYPER)
+    with pytest.raises(TypeError, match=r"exp_avg_sqs\[0\] has dtype float32 where exp_avgs"):
+        host.adamw_update(p, g, m, np.zeros(600, F32), step=1, **HYPER)
+    with pytest.raises(ValueError, match="rounding = 'stochastic' needs something to round"):
+        host.adamw_update(p, g, m, v, step=1, rounding="stochastic", **HYPER)
+    assert np.array_equal(p, before) and not m.codes.any() and not v.scales.any()
