@@ -14,6 +14,7 @@ optimizer keeps its data:
 
 - float32: weights and state in float32 (the reference);
 - bf16 state: float32 weights, m and v in bfloat16;
+- 8-bit state: float32 weights, m and v 8-bit block-wise (QuantizedState);
 - bf16 weights + masters: bfloat16 weights, float32 master copies, bf16 state;
 - bf16 weights, stochastic: bfloat16 weights and state, no masters,
   stochastic rounding;
@@ -21,6 +22,11 @@ optimizer keeps its data:
   smaller than half a bfloat16 spacing: it stalls.
 
 The final loss is the mean training loss over the last tenth of the steps.
+
+Then the 8-bit format against bitsandbytes' dynamic map (its
+create_dynamic_map, rebuilt here in NumPy from its definition, with the same
+256-element blocks scaled by their largest magnitude): the error each leaves
+in the float32 run's final m and v, and in the update m/(√v+ε) they give.
 """
 
 from __future__ import annotations
@@ -86,10 +92,76 @@ def loss_and_grads(params, x, y):
 CONFIGS = {
     "float32": dict(weights=np.float32),
     "bf16 state": dict(weights=np.float32, state_dtype="bfloat16"),
+    "8-bit state": dict(weights=np.float32, state_dtype="int8"),
     "bf16 weights + masters": dict(weights=BF16, master_weights=True, state_dtype="bfloat16"),
     "bf16 weights, stochastic": dict(weights=BF16, state_dtype="bfloat16", rounding="stochastic"),
     "bf16 weights, nearest": dict(weights=BF16, state_dtype="bfloat16"),
 }
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """bitsandbytes' dynamic quantization map (8 bits, 7 exponent bits at most):
+    for each decimal exponent 10^-6 .. 10^0, a linear fraction between 0.1
+    and 1 whose resolution doubles with each exponent, then 0 and 1."""
+    values = []
+    non_sign_bits = 7
+    for i in range(7):
+        items = 2 ** (i + non_sign_bits - 7) + 1 if signed else 2 ** (i + non_sign_bits - 6) + 1
+        boundaries = np.linspace(0.1, 1, items)
+        means = (boundaries[:-1] + boundaries[1:]) / 2
+        values += list(10.0 ** (i - 6) * means)
+        if signed:
+            values += list(-(10.0 ** (i - 6)) * means)
+    values += [0.0, 1.0]
+    return np.sort(np.array(values + [0.0] * (256 - len(values))))
+
+
+def dynamic_map_round_trip(x: np.ndarray, signed: bool) -> np.ndarray:
+    """Block-wise (256) absmax scaling, then the nearest value of the map."""
+    table = dynamic_map(signed)
+    out = np.empty_like(x, dtype=np.float64)
+    for start in range(0, len(x), 256):
+        block = x[start : start + 256].astype(np.float64)
+        absmax = np.abs(block).max()
+        if absmax == 0:
+            out[start : start + 256] = 0
+            continue
+        scaled = block / absmax
+        index = np.clip(np.searchsorted(table, scaled), 1, len(table) - 1)
+        nearer = np.where(
+            np.abs(table[index - 1] - scaled) <= np.abs(table[index] - scaled), index - 1, index
+        )
+        out[start : start + 256] = table[nearer] * absmax
+    return out
+
+
+def quantization_errors(moments: dict[str, np.ndarray]) -> None:
+    """Relative L2 and median relative errors of m, v and the update m/(√v+ε)
+    they give, after an 8-bit round trip in each format."""
+    m, v = moments["m"].astype(np.float64), moments["v"].astype(np.float64)
+    ours = (
+        host.QuantizedState.from_float(m, signed=True).to_float().astype(np.float64),
+        host.QuantizedState.from_float(v, signed=False).to_float().astype(np.float64),
+    )
+    theirs = (dynamic_map_round_trip(m, True), dynamic_map_round_trip(v, False))
+
+    def errors(exact: np.ndarray, approx: np.ndarray) -> str:
+        nonzero = exact != 0
+        l2 = np.linalg.norm(approx - exact) / np.linalg.norm(exact)
+        median = np.median(np.abs(approx[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]))
+        return f"{l2:9.5f} {median:9.5f}"
+
+    def update(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return m / (np.sqrt(v) + 1e-7)
+
+    print(f"\n8-bit round trip of the float32 run's final state ({len(m)} elements),")
+    print("relative L2 error and median relative error:")
+    print(f"{'':<28} {'m':>19} {'v':>19} {'update m/(√v+ε)':>19}")
+    for label, (mq, vq) in (
+        ("keras_adamw (E3M4 / E4M4)", ours),
+        ("bitsandbytes dynamic map", theirs),
+    ):
+        print(f"{label:<28} {errors(m, mq)} {errors(v, vq)} {errors(update(m, v), update(mq, vq))}")
 
 
 def train(name: str, text: np.ndarray, steps: int, batch: int) -> list[float]:
@@ -115,7 +187,13 @@ def train(name: str, text: np.ndarray, steps: int, batch: int) -> list[float]:
         loss, grads = loss_and_grads(optimizer.params, x, y)
         optimizer.step([g.astype(grad_dtype) for g in grads])
         losses.append(loss)
+    if name == "float32":
+        MOMENTS["m"] = np.concatenate([m.ravel() for m in optimizer.exp_avgs])
+        MOMENTS["v"] = np.concatenate([v.ravel() for v in optimizer.exp_avg_sqs])
     return losses
+
+
+MOMENTS: dict[str, np.ndarray] = {}
 
 
 def main() -> None:
@@ -141,6 +219,7 @@ def main() -> None:
     for name, losses in curves.items():
         final = np.mean(losses[-tail:])
         print(f"{name:<26} {final:10.4f} {100 * (final / reference - 1):+10.2f}%")
+    quantization_errors(MOMENTS)
     if args.plot:
         import matplotlib
 

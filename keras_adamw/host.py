@@ -193,12 +193,13 @@ class QuantizedState:
     elements), about 1.02 bytes per element instead of 4.
 
     A code is a small float relative to its block's scale (the block's largest
-    magnitude / 1.875): for first moments (``signed=True``) a sign, 4 exponent
-    and 3 mantissa bits, values down to 2^-17 of the scale; for second moments
-    (``signed=False``) 5 exponent and 3 mantissa bits, down to 2^-33. Values
-    round to nearest: relative error at most 1/16, small values keeping their
-    relative precision (as bitsandbytes' dynamic map does, but decoded and
-    encoded in integer arithmetic, not a table). Pass them as ``exp_avgs``
+    magnitude / 1.9375): for first moments (``signed=True``) a sign, 3
+    exponent and 4 mantissa bits, values down to 2^-10 of the scale; for
+    second moments (``signed=False``) 4 exponent and 4 mantissa bits, down to
+    2^-18. Values round to nearest: relative error at most 1/32 above the
+    subnormals, small values keeping their relative precision (as
+    bitsandbytes' dynamic map does, but decoded and encoded in integer
+    arithmetic, not a table). Pass them as ``exp_avgs``
     (signed), ``exp_avg_sqs`` and ``amsgrad_max`` (unsigned) to
     ``adamw_update``; ``HostAdamW(state_dtype="int8")`` makes them.
     """
