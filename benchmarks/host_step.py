@@ -156,16 +156,23 @@ def bf16_arrays(sizes: list[int], rng: np.random.Generator, dtype: str) -> list[
 DTYPE_ROWS = [
     ("float32 (all)", "f32", "f32", "f32", None, "nearest", 28),
     ("bf16 grads + bf16 state", "f32", "bf16", "bf16", None, "nearest", 18),
-    ("... + bf16 copy-out", "f32", "bf16", "bf16", "bf16", "nearest", 20),
-    ("f16 grads + f16 copy-out", "f32", "f16", "f32", "f16", "nearest", 26),
+    ("bf16 grads+state, bf16 copy", "f32", "bf16", "bf16", "bf16", "nearest", 20),
+    ("f16 grads, f16 copy", "f32", "f16", "f32", "f16", "nearest", 26),
     ("bf16 params, stochastic", "bf16", "bf16", "bf16", None, "stochastic", 14),
+    # 8-bit m and v: a byte each way per moment, and a scale per 256.
+    ("bf16 grads + 8-bit state", "f32", "bf16", "int8", None, "nearest", 14),
+    ("bf16 grads, 8-bit, bf16 copy", "f32", "bf16", "int8", "bf16", "nearest", 16),
 ]
 
 
 def ours_with_dtypes(sizes, rng, row) -> Contender:
     name, p_dtype, g_dtype, state_dtype, copy_dtype, rounding, _ = row
     p, g = bf16_arrays(sizes, rng, p_dtype), bf16_arrays(sizes, rng, g_dtype)
-    m, v = ([a * 0 for a in bf16_arrays(sizes, rng, state_dtype)] for _ in range(2))
+    if state_dtype == "int8":
+        m = [host.QuantizedState(n, signed=True) for n in sizes]
+        v = [host.QuantizedState(n, signed=False) for n in sizes]
+    else:
+        m, v = ([a * 0 for a in bf16_arrays(sizes, rng, state_dtype)] for _ in range(2))
     copies = None if copy_dtype is None else bf16_arrays(sizes, rng, copy_dtype)
     count = [0]
 

@@ -16,14 +16,14 @@ pub enum Rounding {
     },
 }
 
-/// The streams that may be rounded stochastically, each with its own bits.
-/// (`exp_avg_sq` and its AMSGrad maximum share theirs: equal values then round
-/// alike, so the maximum stays >= the second moment it was taken of.)
+/// The streams of random bits. Rounding uses at most 16 bits, so the params
+/// take the low half of one stream and the first moments its high half;
+/// `exp_avg_sq` and its AMSGrad maximum share the other (equal values then
+/// round alike, so the maximum stays >= the second moment it was taken of).
 #[derive(Clone, Copy, Debug)]
 pub enum Stream {
-    Params = 0,
-    ExpAvg = 1,
-    ExpAvgSq = 2,
+    ParamsAndExpAvg = 0,
+    ExpAvgSq = 1,
 }
 
 /// splitmix64's finaliser: a bijection on u64 with full avalanche.
@@ -60,14 +60,14 @@ mod tests {
 
     #[test]
     fn bits_are_uniform_and_keys_differ() {
-        let key = stream_key(7, 3, 0, Stream::Params, 0);
-        assert_ne!(key, stream_key(7, 4, 0, Stream::Params, 0));
-        assert_ne!(key, stream_key(7, 3, 1, Stream::Params, 0));
-        assert_ne!(key, stream_key(7, 3, 0, Stream::ExpAvg, 0));
-        assert_ne!(key, stream_key(7, 3, 0, Stream::Params, 1));
-        // Each of the low 16 bits is set about half the time.
+        let key = stream_key(7, 3, 0, Stream::ParamsAndExpAvg, 0);
+        assert_ne!(key, stream_key(7, 4, 0, Stream::ParamsAndExpAvg, 0));
+        assert_ne!(key, stream_key(7, 3, 1, Stream::ParamsAndExpAvg, 0));
+        assert_ne!(key, stream_key(7, 3, 0, Stream::ExpAvgSq, 0));
+        assert_ne!(key, stream_key(7, 3, 0, Stream::ParamsAndExpAvg, 1));
+        // Each of the 32 bits is set about half the time.
         let n = 1u32 << 16;
-        for bit in 0..16 {
+        for bit in 0..32 {
             let ones = (0..n)
                 .filter(|&i| random_bits::<u32>(i, key) >> bit & 1 == 1)
                 .count() as f64;

@@ -97,8 +97,7 @@ impl<'a, P: Typed, G: Typed> Weights<P, G> {
 /// The random-bit keys of a run of elements whose indices share their upper 32 bits.
 #[derive(Clone, Copy)]
 struct Keys {
-    params: u32,
-    exp_avg: u32,
+    params_and_exp_avg: u32,
     exp_avg_sq: u32,
 }
 
@@ -109,8 +108,7 @@ impl Keys {
             Rounding::Stochastic { seed, step } => {
                 let key = |stream| stochastic::stream_key(seed, step, tensor, stream, index >> 32);
                 Some(Self {
-                    params: key(Stream::Params),
-                    exp_avg: key(Stream::ExpAvg),
+                    params_and_exp_avg: key(Stream::ParamsAndExpAvg),
                     exp_avg_sq: key(Stream::ExpAvgSq),
                 })
             }
@@ -194,8 +192,9 @@ unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
                 &c,
             );
             let element = index + (i - from) as u64;
-            weights.store(i, p, keys.map(|k| random_bits::<V>(element, k.params)));
-            match keys {
+            let shared = keys.map(|k| random_bits::<V>(element, k.params_and_exp_avg));
+            weights.store(i, p, shared);
+            match keys.zip(shared) {
                 None => {
                     S::store(m, state.exp_avg.add(i));
                     S::store(v, state.exp_avg_sq.add(i));
@@ -203,9 +202,9 @@ unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
                         S::store(v_hat, x.add(i));
                     }
                 }
-                Some(keys) => {
-                    let random_m = random_bits::<V>(element, keys.exp_avg);
-                    S::store_stochastic(m, random_m, state.exp_avg.add(i));
+                Some((keys, shared)) => {
+                    // The params took the low 16 bits.
+                    S::store_stochastic(m, shared.shr(16), state.exp_avg.add(i));
                     let random_v = random_bits::<V>(element, keys.exp_avg_sq);
                     S::store_stochastic(v, random_v, state.exp_avg_sq.add(i));
                     if let Some(x) = state.max_exp_avg_sq {
@@ -338,7 +337,11 @@ unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
                 &c,
             );
             let element = start + i as u64;
-            weights.store(i, p, keys.map(|k| random_bits::<V>(element, k.params)));
+            weights.store(
+                i,
+                p,
+                keys.map(|k| random_bits::<V>(element, k.params_and_exp_avg)),
+            );
             m.store(buffers.exp_avg.as_mut_ptr().add(within));
             v.store(buffers.exp_avg_sq.as_mut_ptr().add(within));
             largest[0] = largest[0].max(q8::magnitude_bits(m));
