@@ -140,8 +140,8 @@ def quantization_errors(moments: dict[str, np.ndarray]) -> None:
     they give, after an 8-bit round trip in each format."""
     m, v = moments["m"].astype(np.float64), moments["v"].astype(np.float64)
     ours = (
-        host.QuantizedState.from_float(m, signed=True).to_float().astype(np.float64),
-        host.QuantizedState.from_float(v, signed=False).to_float().astype(np.float64),
+        host.QuantizedState.from_float(m, moment=1).to_float().astype(np.float64),
+        host.QuantizedState.from_float(v, moment=2).to_float().astype(np.float64),
     )
     theirs = (dynamic_map_round_trip(m, True), dynamic_map_round_trip(v, False))
 
@@ -158,13 +158,13 @@ def quantization_errors(moments: dict[str, np.ndarray]) -> None:
     print("relative L2 error and median relative error:")
     print(f"{'':<28} {'m':>19} {'v':>19} {'update m/(√v+ε)':>19}")
     for label, (mq, vq) in (
-        ("keras_adamw (E3M4 / E4M4)", ours),
+        ("keras_adamw (E3M4 / √v E3M5)", ours),
         ("bitsandbytes dynamic map", theirs),
     ):
         print(f"{label:<28} {errors(m, mq)} {errors(v, vq)} {errors(update(m, v), update(mq, vq))}")
 
 
-def train(name: str, text: np.ndarray, steps: int, batch: int) -> list[float]:
+def train(name: str, text: np.ndarray, steps: int, batch: int, peak: float) -> list[float]:
     options = dict(CONFIGS[name])
     weights = options.pop("weights")
     rng = np.random.default_rng(0)
@@ -174,8 +174,8 @@ def train(name: str, text: np.ndarray, steps: int, batch: int) -> list[float]:
     def cosine(step: int) -> float:
         warmup = steps // 20
         if step < warmup:
-            return 2e-3 * step / warmup
-        return 2e-3 * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+            return peak * step / warmup
+        return peak * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
 
     optimizer = host.HostAdamW(params, learning_rate=cosine, weight_decay=0.01, **options)
     data_rng = np.random.default_rng(1)  # the same batches for every run
@@ -202,6 +202,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (cosine)")
     parser.add_argument("--plot", metavar="PNG", help="draw the loss curves")
     args = parser.parse_args()
     text = stdlib_text(4_000_000)
@@ -211,7 +212,7 @@ def main() -> None:
     curves = {}
     for name in CONFIGS:
         start = time.perf_counter()
-        curves[name] = train(name, text, args.steps, args.batch)
+        curves[name] = train(name, text, args.steps, args.batch, args.lr)
         print(f"  {name}: {time.perf_counter() - start:.0f} s")
     tail = max(1, args.steps // 10)
     reference = np.mean(curves["float32"][-tail:])

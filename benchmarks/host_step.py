@@ -169,8 +169,8 @@ def ours_with_dtypes(sizes, rng, row) -> Contender:
     name, p_dtype, g_dtype, state_dtype, copy_dtype, rounding, _ = row
     p, g = bf16_arrays(sizes, rng, p_dtype), bf16_arrays(sizes, rng, g_dtype)
     if state_dtype == "int8":
-        m = [host.QuantizedState(n, signed=True) for n in sizes]
-        v = [host.QuantizedState(n, signed=False) for n in sizes]
+        m = [host.QuantizedState(n, moment=1) for n in sizes]
+        v = [host.QuantizedState(n, moment=2) for n in sizes]
     else:
         m, v = ([a * 0 for a in bf16_arrays(sizes, rng, state_dtype)] for _ in range(2))
     copies = None if copy_dtype is None else bf16_arrays(sizes, rng, copy_dtype)

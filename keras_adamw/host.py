@@ -116,7 +116,8 @@ def adamw_update(
             ``exp_avgs``/``exp_avg_sqs`` start at zero. ``params`` and
             ``grads`` may be float32, bfloat16 or float16 (each array its own);
             a tensor's state (with ``amsgrad_max``) is float32, bfloat16, or
-            8-bit block-wise (`QuantizedState`: signed for ``exp_avgs``).
+            8-bit block-wise (`QuantizedState`: ``moment=1`` for ``exp_avgs``,
+            2 for the others).
         step: the 1-based count of this update (bias correction).
         epsilon_mode: ``"keras"`` (ε added to √v, as ``keras.optimizers.AdamW``)
             or ``"torch"`` (ε added to √v̂, as ``torch.optim.AdamW``).
@@ -193,21 +194,24 @@ class QuantizedState:
     elements), about 1.02 bytes per element instead of 4.
 
     A code is a small float relative to its block's scale (the block's largest
-    magnitude / 1.9375): for first moments (``signed=True``) a sign, 3
-    exponent and 4 mantissa bits, values down to 2^-10 of the scale; for
-    second moments (``signed=False``) 4 exponent and 4 mantissa bits, down to
-    2^-18. Values round to nearest: relative error at most 1/32 above the
-    subnormals, small values keeping their relative precision (as
-    bitsandbytes' dynamic map does, but decoded and encoded in integer
-    arithmetic, not a table). Pass them as ``exp_avgs``
-    (signed), ``exp_avg_sqs`` and ``amsgrad_max`` (unsigned) to
-    ``adamw_update``; ``HostAdamW(state_dtype="int8")`` makes them.
+    stored magnitude over the largest code). First moments (``moment=1``, for
+    ``exp_avgs``): a sign, 3 exponent and 4 mantissa bits, down to 2^-10 of
+    the scale. Second moments (``moment=2``, for ``exp_avg_sqs`` and
+    ``amsgrad_max``) are stored as their square roots, which is what the
+    update divides by: 3 exponent and 5 mantissa bits, down to 2^-11 of the
+    scale, and a nonzero value never rounds to zero (that would make the step
+    m/ε). Values round to nearest: relative error at most 1/32 (m) and 1/64
+    (√v) above the subnormals. Encoding and decoding are integer arithmetic
+    (no table, no search), the same on every SIMD level.
+    ``HostAdamW(state_dtype="int8")`` makes them.
     """
 
     BLOCK: int = _core.QUANTIZATION_BLOCK
 
-    def __init__(self, shape: int | tuple[int, ...], *, signed: bool) -> None:
-        self.signed = flag("signed", signed)
+    def __init__(self, shape: int | tuple[int, ...], *, moment: int) -> None:
+        if isinstance(moment, bool) or moment not in (1, 2):
+            raise ValueError(f"moment must be 1 (exp_avgs) or 2 (exp_avg_sqs), got {moment!r}")
+        self.moment = int(moment)
         self.codes = np.zeros(shape, np.uint8)
         self.scales = np.zeros(-(-self.codes.size // self.BLOCK), np.float32)
 
@@ -216,50 +220,49 @@ class QuantizedState:
         return tuple(self.codes.shape)
 
     @classmethod
-    def from_float(cls, values: Any, *, signed: bool) -> QuantizedState:
-        """``values`` quantised (rounded to nearest)."""
+    def from_float(cls, values: Any, *, moment: int) -> QuantizedState:
+        """``values`` (moments) quantised."""
         values = np.ascontiguousarray(values, np.float32)
-        state = cls(values.shape, signed=signed)
-        _core.quantize(values, state.codes, state.scales, state.signed)
+        state = cls(values.shape, moment=moment)
+        _core.quantize(values, state.codes, state.scales, state.moment)
         return state
 
     def to_float(self) -> np.ndarray[Any, np.dtype[np.float32]]:
-        """The float32 values the codes stand for."""
+        """The float32 moments the codes stand for."""
         values = np.empty(self.codes.shape, np.float32)
-        _core.dequantize(self.codes, self.scales, self.signed, values)
+        _core.dequantize(self.codes, self.scales, self.moment, values)
         return values
 
     def copy(self) -> QuantizedState:
-        twin = QuantizedState(self.shape, signed=self.signed)
+        twin = QuantizedState(self.shape, moment=self.moment)
         np.copyto(twin.codes, self.codes)
         np.copyto(twin.scales, self.scales)
         return twin
 
     def __repr__(self) -> str:
-        kind = "first" if self.signed else "second"
-        return f"QuantizedState(shape={self.shape}, {kind} moments)"
+        return f"QuantizedState(shape={self.shape}, moment={self.moment})"
 
 
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _STATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
-def _state_like(shape: tuple[int, ...], state_dtype: str, *, signed: bool) -> Any:
+def _state_like(shape: tuple[int, ...], state_dtype: str, *, moment: int) -> Any:
     if state_dtype == "int8":
-        return QuantizedState(shape, signed=signed)
+        return QuantizedState(shape, moment=moment)
     return np.zeros(shape, _dtype(state_dtype))
 
 
 def _copy_state_into(own: Any, saved: Any) -> None:
     """``saved`` (an array or a QuantizedState) into ``own``, converting."""
     if isinstance(own, QuantizedState):
-        if isinstance(saved, QuantizedState) and saved.signed == own.signed:
+        if isinstance(saved, QuantizedState) and saved.moment == own.moment:
             np.copyto(own.codes, saved.codes)
             np.copyto(own.scales, saved.scales)
         else:
             values = saved.to_float() if isinstance(saved, QuantizedState) else saved
             _core.quantize(
-                np.ascontiguousarray(values, np.float32), own.codes, own.scales, own.signed
+                np.ascontiguousarray(values, np.float32), own.codes, own.scales, own.moment
             )
     else:
         values = saved.to_float() if isinstance(saved, QuantizedState) else np.asarray(saved)
@@ -362,10 +365,10 @@ class HostAdamW:
         self.master_params = (
             [p.astype(np.float32) for p in self.params] if self.master_weights else None
         )
-        self.exp_avgs = [_state_like(p.shape, state_dtype, signed=True) for p in self.params]
-        self.exp_avg_sqs = [_state_like(p.shape, state_dtype, signed=False) for p in self.params]
+        self.exp_avgs = [_state_like(p.shape, state_dtype, moment=1) for p in self.params]
+        self.exp_avg_sqs = [_state_like(p.shape, state_dtype, moment=2) for p in self.params]
         self.amsgrad_max = (
-            [_state_like(p.shape, state_dtype, signed=False) for p in self.params]
+            [_state_like(p.shape, state_dtype, moment=2) for p in self.params]
             if self.amsgrad
             else None
         )

@@ -296,7 +296,8 @@ impl Hyperparams {
 /// arithmetic. With `V = f32` it is the scalar reference; every SIMD level
 /// runs these operations in this order (fused multiply-adds where written),
 /// so its results are bitwise those of the reference.
-/// Returns `(p, m, v, v_max)`; `v_max` is `v` when AMSGrad is off.
+/// Returns `[p, m, v, v̂, √v̂]`; `v̂` is `v` when AMSGrad is off (√v̂ is the
+/// square root the step took, for 8-bit state, which stores it).
 #[inline(always)]
 pub fn update_element<V: Lanes>(
     p: V,
@@ -305,7 +306,7 @@ pub fn update_element<V: Lanes>(
     v: V,
     v_max: Option<V>,
     c: &StepConstants<V>,
-) -> [V; 4] {
+) -> [V; 5] {
     let g = g * c.grad_multiplier;
     let m = (g - m).mul_add(c.one_minus_beta_1, m);
     let v = (g * g - v).mul_add(c.one_minus_beta_2, v);
@@ -313,10 +314,11 @@ pub fn update_element<V: Lanes>(
         Some(v_max) => v_max.greater_or(v),
         None => v,
     };
-    let denominator = v_hat.sqrt() + c.epsilon;
+    let root = v_hat.sqrt();
+    let denominator = root + c.epsilon;
     let p = p.mul_add(c.decay_delta, p * c.decay_scale);
     let p = c.neg_step_size.mul_add(m / denominator, p);
-    [p, m, v, v_hat]
+    [p, m, v, v_hat, root]
 }
 
 #[cfg(test)]

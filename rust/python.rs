@@ -67,8 +67,8 @@ impl<'py> ArrayList<'py> {
             .map(|(i, object)| {
                 let label = || format!("{name}[{i}]");
                 if allowed.contains(&DType::Q8) && object.hasattr("codes")? {
-                    // First moments are signed, second moments (and their maxima) not.
-                    quantized_state(object, label, name == "exp_avgs")
+                    let moment = if name == "exp_avgs" { 1 } else { 2 };
+                    quantized_state(object, label, moment)
                 } else {
                     host_array(object, label, written, allowed)
                 }
@@ -225,12 +225,12 @@ fn host_array<'py>(
 }
 
 /// A `keras_adamw.host.QuantizedState`: its codes (uint8, the tensor's shape)
-/// and block scales (float32), both C-contiguous and writable, of the format
-/// its role needs.
+/// and block scales (float32), both C-contiguous and writable, in the format
+/// of the moment (1 or 2) its list holds.
 fn quantized_state<'py>(
     object: &Bound<'py, PyAny>,
     label: impl Fn() -> String,
-    signed: bool,
+    moment: u8,
 ) -> PyResult<HostArray<'py>> {
     let part = |name: &str, num: NPY_TYPES| -> PyResult<Bound<'py, PyUntypedArray>> {
         let value = object.getattr(name)?;
@@ -266,16 +266,14 @@ fn quantized_state<'py>(
             ),
         ));
     }
-    let is_signed: bool = object.getattr("signed")?.extract()?;
-    if is_signed != signed {
-        let (what, needs) = if signed {
-            ("first moments", "signed=True")
-        } else {
-            ("second moments", "signed=False")
-        };
+    let holds: u8 = object.getattr("moment")?.extract()?;
+    if holds != moment {
         return Err(invalid(
             label(),
-            format!("holds {what}, which need a QuantizedState with {needs}"),
+            format!(
+                "needs a QuantizedState of moment={moment} (the format of its moments), \
+                 got moment={holds}"
+            ),
         ));
     }
     Ok(HostArray {
@@ -733,14 +731,14 @@ fn quantize(
     values: PyReadonlyArrayDyn<'_, f32>,
     mut codes: PyReadwriteArrayDyn<'_, u8>,
     mut scales: PyReadwriteArrayDyn<'_, f32>,
-    signed: bool,
+    moment: u8,
 ) -> PyResult<()> {
     let (values, codes, scales) = contiguous(
         values.as_slice(),
         codes.as_slice_mut(),
         scales.as_slice_mut(),
     )?;
-    q8::quantize(values, codes, scales, signed);
+    q8::quantize(values, codes, scales, moment == 1);
     Ok(())
 }
 
@@ -749,12 +747,12 @@ fn quantize(
 fn dequantize(
     codes: PyReadonlyArrayDyn<'_, u8>,
     scales: PyReadonlyArrayDyn<'_, f32>,
-    signed: bool,
+    moment: u8,
     mut values: PyReadwriteArrayDyn<'_, f32>,
 ) -> PyResult<()> {
     let (values, codes, scales) =
         contiguous(values.as_slice_mut(), codes.as_slice(), scales.as_slice())?;
-    q8::dequantize(codes, scales, signed, values);
+    q8::dequantize(codes, scales, moment == 1, values);
     Ok(())
 }
 

@@ -4,69 +4,92 @@
 //! dynamic map does) while encoding and decoding stay integer arithmetic that
 //! every instruction set runs alike (no table, no search):
 //!
-//! - first moments (`Signed`): sign, 3 exponent bits, 4 mantissa bits, values
-//!   ±2^-10 .. ±1.9375 (subnormals below 2^-6);
-//! - second moments (`Unsigned`, never negative): 4 exponent bits, 4
-//!   mantissa bits, values 2^-18 .. 1.9375 (subnormals below 2^-14).
+//! - first moments (`FirstMoments`): sign, 3 exponent bits, 4 mantissa bits,
+//!   values ±2^-10 .. ±1.9375 of the scale (subnormals below 2^-6);
+//! - second moments (`SecondMoments`) as their square roots, which is what
+//!   the update divides by: 3 exponent bits, 5 mantissa bits, values 2^-11 ..
+//!   1.96875 of the scale, and a nonzero value never rounds to zero (a zero
+//!   second moment would make the step m/ε).
 //!
-//! The block's scale is its largest magnitude / 1.9375, so the largest element
-//! is stored (nearly) exactly and the rest round to nearest, relative error at
-//! most 1/32 above the subnormals. A block holding a NaN or an infinity
-//! decodes as NaN throughout. On the moments of a real training run the
-//! update m/√v they give is closer to the exact one than bitsandbytes' dynamic
-//! map gives (`benchmarks/dtype_accuracy.py`).
+//! The block's scale is its largest (stored) magnitude over the largest code,
+//! so the largest element is stored (nearly) exactly and the rest round to
+//! nearest: relative error at most 1/32 (m) and 1/64 (√v) above the
+//! subnormals. A block holding a NaN or an infinity decodes as NaN throughout.
+//! On the moments of a real training run the update m/(√v+ε) they give is
+//! closer to the exact one than bitsandbytes' dynamic map gives
+//! (`benchmarks/dtype_accuracy.py`).
 
 use crate::simd::{Bits, Lanes};
 
 /// Elements per block (per scale).
 pub const BLOCK: usize = 256;
 
-/// The largest code's value: 2^0 · (1 + 15/16).
-const LARGEST: f32 = 1.9375;
-
-/// Mantissa bits of both formats: float32 has 19 more.
-const DROPPED: u32 = 23 - 4;
-
 /// Blocks needed for `n` elements.
 pub fn blocks(n: usize) -> usize {
     n.div_ceil(BLOCK)
 }
 
-/// One of the two code formats.
+/// One of the two code formats. Both have their smallest normal at 2^-6, so
+/// scaled by 2^-120 the format's grid is float32's with the low
+/// `23 - MANTISSA_BITS` bits dropped (normal and subnormal alike).
 pub trait Format {
     /// Bit 7 is the sign.
     const SIGNED: bool;
-    /// Scales a value so the format's smallest normal is float32's, after
-    /// which the format's grid is float32's with the low `DROPPED` bits
-    /// dropped (normal and subnormal alike).
-    const TO_FLOAT32_GRID: f32;
-    /// The inverse scaling, exact.
-    const FROM_FLOAT32_GRID: f32;
+    const MANTISSA_BITS: u32;
+    /// The largest code's value.
+    const LARGEST: f32;
+    /// Stores square roots (and so never rounds a nonzero value to zero).
+    const SQUARE_ROOTS: bool;
 }
 
-/// First moments: sign, 3 exponent bits (smallest normal 2^-6), 4 mantissa bits.
-pub struct Signed;
-/// Second moments: 4 exponent bits (smallest normal 2^-14), 4 mantissa bits.
-pub struct Unsigned;
+/// First moments: sign, 3 exponent bits, 4 mantissa bits.
+pub struct FirstMoments;
+/// Second moments, as square roots: 3 exponent bits, 5 mantissa bits.
+pub struct SecondMoments;
 
-impl Format for Signed {
+impl Format for FirstMoments {
     const SIGNED: bool = true;
-    const TO_FLOAT32_GRID: f32 = f32::from_bits((127 - 120) << 23); // 2^-120
-    const FROM_FLOAT32_GRID: f32 = f32::from_bits((127 + 120) << 23); // 2^120
+    const MANTISSA_BITS: u32 = 4;
+    const LARGEST: f32 = 1.9375; // 2^0 · (1 + 15/16)
+    const SQUARE_ROOTS: bool = false;
 }
 
-impl Format for Unsigned {
+impl Format for SecondMoments {
     const SIGNED: bool = false;
-    const TO_FLOAT32_GRID: f32 = f32::from_bits((127 - 112) << 23); // 2^-112
-    const FROM_FLOAT32_GRID: f32 = f32::from_bits((127 + 112) << 23); // 2^112
+    const MANTISSA_BITS: u32 = 5;
+    const LARGEST: f32 = 1.96875; // 2^0 · (1 + 31/32)
+    const SQUARE_ROOTS: bool = true;
+}
+
+const TO_FLOAT32_GRID: f32 = f32::from_bits((127 - 120) << 23); // 2^-120
+const FROM_FLOAT32_GRID: f32 = f32::from_bits((127 + 120) << 23); // 2^120
+
+/// What the format stores of a moment `x`: `x`, or its square root.
+#[inline(always)]
+pub fn stored<V: Lanes, F: Format>(x: V) -> V {
+    if F::SQUARE_ROOTS {
+        x.sqrt()
+    } else {
+        x
+    }
+}
+
+/// The moment a stored value stands for.
+#[inline(always)]
+pub fn moment<V: Lanes, F: Format>(stored: V) -> V {
+    if F::SQUARE_ROOTS {
+        stored * stored
+    } else {
+        stored
+    }
 }
 
 /// A block's scale from its largest magnitude (as float32 bits, so a NaN is
 /// the largest of all): NaN for a block that is not finite.
-pub fn scale_of(largest_magnitude_bits: u32) -> f32 {
+pub fn scale_of<F: Format>(largest_magnitude_bits: u32) -> f32 {
     let largest = f32::from_bits(largest_magnitude_bits);
     if largest.is_finite() {
-        largest / LARGEST
+        largest / F::LARGEST
     } else {
         f32::NAN
     }
@@ -88,7 +111,7 @@ pub fn magnitude_bits<V: Lanes>(x: V) -> V::Bits {
     x.to_bits().and(V::Bits::splat(0x7FFF_FFFF))
 }
 
-/// `V::LANES` codes at `from`, decoded and scaled.
+/// `V::LANES` codes at `from`, decoded and scaled: stored values (see `moment`).
 ///
 /// # Safety
 /// `V::LANES` bytes must be readable at `from`.
@@ -101,74 +124,88 @@ pub unsafe fn decode<V: Lanes, F: Format>(from: *const u8, scale: V) -> V {
     } else {
         codes
     };
-    let mut bits = magnitude.shl(DROPPED);
+    let mut bits = magnitude.shl(23 - F::MANTISSA_BITS);
     if F::SIGNED {
         bits = bits.or(codes.and(V::Bits::splat(0x80)).shl(24));
     }
-    V::from_bits(bits) * V::splat(F::FROM_FLOAT32_GRID) * scale
+    V::from_bits(bits) * V::splat(FROM_FLOAT32_GRID) * scale
 }
 
-/// Encodes `x` (already multiplied by the block's inverse scale, so its
-/// magnitude is at most about `LARGEST`) as codes, rounded to nearest even,
-/// stored at `to`.
+/// Encodes stored values `x` (already multiplied by the block's inverse scale,
+/// so of magnitude at most about `F::LARGEST`) as codes, rounded to nearest
+/// even (for square roots, a nonzero value to at least the smallest code),
+/// written at `to`.
 ///
 /// # Safety
 /// `V::LANES` bytes must be writable at `to`.
 #[inline(always)]
 pub unsafe fn encode<V: Lanes, F: Format>(x: V, to: *mut u8) {
-    let bits = (x * V::splat(F::TO_FLOAT32_GRID)).to_bits();
+    let dropped = 23 - F::MANTISSA_BITS;
+    let bits = (x * V::splat(TO_FLOAT32_GRID)).to_bits();
     let magnitude = bits.and(V::Bits::splat(0x7FFF_FFFF));
-    let lowest_kept = magnitude.shr(DROPPED).and(V::Bits::splat(1));
+    let lowest_kept = magnitude.shr(dropped).and(V::Bits::splat(1));
     let rounded = magnitude
-        .add(V::Bits::splat((1 << (DROPPED - 1)) - 1))
+        .add(V::Bits::splat((1 << (dropped - 1)) - 1))
         .add(lowest_kept)
-        .shr(DROPPED);
+        .shr(dropped);
     let largest = V::Bits::splat(if F::SIGNED { 0x7F } else { 0xFF });
     // Rounding can carry just past the largest code (the inverse scale is rounded).
     let mut code = rounded.min(largest);
     if F::SIGNED {
         code = code.or(bits.shr(24).and(V::Bits::splat(0x80)));
     }
+    if F::SQUARE_ROOTS {
+        let nonzero = x
+            .to_bits()
+            .and(V::Bits::splat(0x7FFF_FFFF))
+            .min(V::Bits::splat(1));
+        code = code.max(nonzero);
+    }
     // SAFETY: the caller's contract.
     unsafe { code.store_u8(to) }
 }
 
-/// Quantises `values` into `codes` and one scale per block (as the kernel
-/// stores moments: `signed` for first moments). Lengths must match.
-pub fn quantize(values: &[f32], codes: &mut [u8], scales: &mut [f32], signed: bool) {
+/// Quantises moments `values` into `codes` and one scale per block, as the
+/// kernel stores them: `first` moments or second ones. Lengths must match.
+pub fn quantize(values: &[f32], codes: &mut [u8], scales: &mut [f32], first: bool) {
+    if first {
+        quantize_as::<FirstMoments>(values, codes, scales)
+    } else {
+        quantize_as::<SecondMoments>(values, codes, scales)
+    }
+}
+
+fn quantize_as<F: Format>(values: &[f32], codes: &mut [u8], scales: &mut [f32]) {
     assert!(codes.len() == values.len() && scales.len() == blocks(values.len()));
     for ((values, codes), scale) in values
         .chunks(BLOCK)
         .zip(codes.chunks_mut(BLOCK))
         .zip(scales.iter_mut())
     {
-        let largest = values.iter().map(|x| x.to_bits() & 0x7FFF_FFFF).max();
-        *scale = scale_of(largest.unwrap_or(0));
+        let largest = values
+            .iter()
+            .map(|&x| stored::<f32, F>(x).to_bits() & 0x7FFF_FFFF)
+            .max();
+        *scale = scale_of::<F>(largest.unwrap_or(0));
         let inverse = inverse_of(*scale);
         for (&x, code) in values.iter().zip(codes) {
             // SAFETY: one lane, one byte.
-            unsafe {
-                if signed {
-                    encode::<f32, Signed>(x * inverse, code)
-                } else {
-                    encode::<f32, Unsigned>(x * inverse, code)
-                }
-            }
+            unsafe { encode::<f32, F>(stored::<f32, F>(x) * inverse, code) }
         }
     }
 }
 
-/// The values that `codes` and `scales` stand for. Lengths must match.
-pub fn dequantize(codes: &[u8], scales: &[f32], signed: bool, values: &mut [f32]) {
+/// The moments that `codes` and `scales` stand for. Lengths must match.
+pub fn dequantize(codes: &[u8], scales: &[f32], first: bool, values: &mut [f32]) {
     assert!(codes.len() == values.len() && scales.len() == blocks(values.len()));
     for (i, (code, value)) in codes.iter().zip(values).enumerate() {
         let scale = scales[i / BLOCK];
         // SAFETY: one lane, one byte.
         *value = unsafe {
-            if signed {
-                decode::<f32, Signed>(code, scale)
+            if first {
+                decode::<f32, FirstMoments>(code, scale)
             } else {
-                decode::<f32, Unsigned>(code, scale)
+                moment::<f32, SecondMoments>(decode::<f32, SecondMoments>(code, scale))
             }
         };
     }
@@ -187,72 +224,99 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_largest_value_survives_and_the_rest_round_within_a_32nd() {
-        for largest in [1.0f32, 3.0e-5, 7.5e12] {
-            let scale = scale_of(largest.to_bits());
-            assert!((round_trip::<Signed>(largest, scale) - largest).abs() <= largest * 1e-6);
-            assert!((round_trip::<Signed>(-largest, scale) + largest).abs() <= largest * 1e-6);
-            assert!((round_trip::<Unsigned>(largest, scale) - largest).abs() <= largest * 1e-6);
-            for i in 1..1000 {
-                let x = largest * (i as f32 / 1000.0).powi(3);
-                for (decoded, smallest_normal) in [
-                    (round_trip::<Signed>(x, scale), 2f32.powi(-6)),
-                    (round_trip::<Unsigned>(x, scale), 2f32.powi(-14)),
-                ] {
-                    let relative_to_scale = x / scale;
-                    let tolerance = if relative_to_scale >= smallest_normal {
-                        x / 32.0
-                    } else {
-                        smallest_normal / 32.0 * scale // subnormal: absolute steps
-                    };
-                    assert!(
-                        (decoded - x).abs() <= tolerance * 1.0001,
-                        "{x} -> {decoded}"
-                    );
-                }
+    fn check_rounding<F: Format>(largest: f32) {
+        let scale = scale_of::<F>(largest.to_bits());
+        assert!((round_trip::<F>(largest, scale) - largest).abs() <= largest * 1e-6);
+        let spacing = 2f32.powi(-(F::MANTISSA_BITS as i32)); // relative, above the subnormals
+        for i in 1..1000 {
+            let x = largest * (i as f32 / 1000.0).powi(3);
+            let decoded = round_trip::<F>(x, scale);
+            let smallest = 2f32.powi(-6) * spacing * scale;
+            if F::SQUARE_ROOTS && x < smallest / 2.0 {
+                assert_eq!(decoded, smallest, "{x}: to the smallest code, not to zero");
+                continue;
             }
+            let tolerance = if x / scale >= 2f32.powi(-6) {
+                x * spacing / 2.0
+            } else {
+                2f32.powi(-6) * spacing / 2.0 * scale // subnormal: absolute steps
+            };
+            assert!(
+                (decoded - x).abs() <= tolerance * 1.0001,
+                "{x} -> {decoded}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_largest_value_survives_and_the_rest_round_to_nearest() {
+        for largest in [1.0f32, 3.0e-5, 7.5e12] {
+            check_rounding::<FirstMoments>(largest);
+            check_rounding::<SecondMoments>(largest);
+            assert_eq!(
+                round_trip::<FirstMoments>(-largest, scale_of::<FirstMoments>(largest.to_bits())),
+                -round_trip::<FirstMoments>(largest, scale_of::<FirstMoments>(largest.to_bits()))
+            );
         }
     }
 
     #[test]
     fn codes_are_the_format_s_floats() {
-        // Every signed code decodes to ±2^(e-7)·(1 + f/16), or a subnormal, and encodes back.
-        for code in 0..=255u8 {
-            let decoded = unsafe { decode::<f32, Signed>(&code, 1.0) };
-            let (sign, e, f) = (code >> 7, i32::from((code >> 4) & 7), f32::from(code & 15));
-            let magnitude = if e == 0 {
-                f / 16.0 * 2f32.powi(-6)
-            } else {
-                (1.0 + f / 16.0) * 2f32.powi(e - 7)
-            };
-            assert_eq!(decoded, if sign == 1 { -magnitude } else { magnitude });
-            let mut back = 0u8;
-            unsafe { encode::<f32, Signed>(decoded, &mut back) };
-            assert_eq!(back, code, "{code:#04x}");
+        // Each code decodes to ±2^(e-7)·(1 + f/2^M), or a subnormal, and encodes back.
+        fn check<F: Format>() {
+            let mantissa_codes = 1u32 << F::MANTISSA_BITS;
+            for code in 0..=255u8 {
+                let decoded = unsafe { decode::<f32, F>(&code, 1.0) };
+                let magnitude_code = u32::from(if F::SIGNED { code & 0x7F } else { code });
+                let e = (magnitude_code / mantissa_codes) as i32;
+                let f = (magnitude_code % mantissa_codes) as f32 / mantissa_codes as f32;
+                let magnitude = if e == 0 {
+                    f * 2f32.powi(-6)
+                } else {
+                    (1.0 + f) * 2f32.powi(e - 7)
+                };
+                let negative = F::SIGNED && code >= 128;
+                assert_eq!(decoded, if negative { -magnitude } else { magnitude });
+                let mut back = 0u8;
+                unsafe { encode::<f32, F>(decoded, &mut back) };
+                // Square roots never round to zero, so 0 and 1 both come back as... themselves.
+                assert_eq!(back, code, "{code:#04x}");
+            }
         }
-        for code in 0..=255u8 {
-            let decoded = unsafe { decode::<f32, Unsigned>(&code, 1.0) };
-            let (e, f) = (i32::from(code >> 4), f32::from(code & 15));
-            let magnitude = if e == 0 {
-                f / 16.0 * 2f32.powi(-14)
-            } else {
-                (1.0 + f / 16.0) * 2f32.powi(e - 15)
-            };
-            assert_eq!(decoded, magnitude);
-            let mut back = 0u8;
-            unsafe { encode::<f32, Unsigned>(decoded, &mut back) };
-            assert_eq!(back, code);
-        }
+        check::<FirstMoments>();
+        check::<SecondMoments>();
+    }
+
+    #[test]
+    fn square_roots_never_round_to_zero() {
+        let mut code = 0u8;
+        unsafe { encode::<f32, SecondMoments>(1e-30, &mut code) };
+        assert_eq!(code, 1);
+        unsafe { encode::<f32, FirstMoments>(1e-30, &mut code) };
+        assert_eq!(code, 0);
+        unsafe { encode::<f32, SecondMoments>(0.0, &mut code) };
+        assert_eq!(code, 0);
     }
 
     #[test]
     fn blocks_that_are_not_finite_or_are_zero() {
-        assert!(scale_of(f32::NAN.to_bits()).is_nan());
-        assert!(scale_of(f32::INFINITY.to_bits()).is_nan());
+        assert!(scale_of::<FirstMoments>(f32::NAN.to_bits()).is_nan());
+        assert!(scale_of::<SecondMoments>(f32::INFINITY.to_bits()).is_nan());
         assert_eq!(inverse_of(f32::NAN), 0.0);
         assert_eq!(inverse_of(0.0), 0.0);
-        assert_eq!(round_trip::<Signed>(0.0, 0.0), 0.0);
-        assert!(round_trip::<Unsigned>(1.0, f32::NAN).is_nan());
+        assert_eq!(round_trip::<FirstMoments>(0.0, 0.0), 0.0);
+        assert!(round_trip::<SecondMoments>(1.0, f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn quantize_and_dequantize_store_second_moments_as_square_roots() {
+        let values = [4.0f32, 1.0, 0.25, 0.0];
+        let (mut codes, mut scales, mut back) = ([0u8; 4], [0.0f32; 1], [0.0f32; 4]);
+        quantize(&values, &mut codes, &mut scales, false);
+        assert_eq!(scales[0], 2.0 / 1.96875);
+        dequantize(&codes, &scales, false, &mut back);
+        for (x, y) in values.iter().zip(back) {
+            assert!((x - y).abs() <= x / 16.0, "{x} -> {y}");
+        }
     }
 }

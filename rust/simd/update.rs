@@ -3,7 +3,7 @@
 //! runs for that combination (whole vectors, then the tail one lane at a time).
 
 use super::{Bits, Lanes};
-use crate::dtype::q8::{self, Signed, Unsigned, BLOCK};
+use crate::dtype::q8::{self, FirstMoments, SecondMoments, BLOCK};
 use crate::dtype::stochastic::{self, Rounding, Stream};
 use crate::dtype::{Bf16, DType, Element, Elements, Typed, F16};
 use crate::math::{update_element, StepConstants};
@@ -183,7 +183,7 @@ unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
         // SAFETY (the block): i + LANES <= to, within every slice (the caller's contract).
         unsafe {
             let v_max = state.max_exp_avg_sq.map(|x| S::load::<V>(x.add(i)));
-            let [p, m, v, v_hat] = update_element(
+            let [p, m, v, v_hat, _] = update_element(
                 P::load::<V>(weights.params.add(i)),
                 G::load::<V>(weights.grads.add(i)),
                 S::load::<V>(state.exp_avg.add(i)),
@@ -234,7 +234,7 @@ impl Quantized {
     }
 }
 
-/// One block's new moments, before they are encoded.
+/// One block's new stored values (m, √v, √v̂), before they are encoded.
 struct BlockBuffers {
     exp_avg: [f32; BLOCK],
     exp_avg_sq: [f32; BLOCK],
@@ -281,10 +281,13 @@ fn update_quantized<V: Lanes, P: Typed, G: Typed>(
             ];
             let largest = |k: usize| Ord::max(body_largest[k], tail_largest[k]);
             let len = to - from;
-            encode_block::<V, Signed>(&buffers.exp_avg[..len], &exp_avg, block, largest(0));
-            encode_block::<V, Unsigned>(&buffers.exp_avg_sq[..len], &exp_avg_sq, block, largest(1));
+            let first = &buffers.exp_avg[..len];
+            encode_block::<V, FirstMoments>(first, &exp_avg, block, largest(0));
+            let second = &buffers.exp_avg_sq[..len];
+            encode_block::<V, SecondMoments>(second, &exp_avg_sq, block, largest(1));
             if let Some(q) = &max_exp_avg_sq {
-                encode_block::<V, Unsigned>(&buffers.max_exp_avg_sq[..len], q, block, largest(2));
+                let maxima = &buffers.max_exp_avg_sq[..len];
+                encode_block::<V, SecondMoments>(maxima, q, block, largest(2));
             }
         }
     }
@@ -325,15 +328,18 @@ unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
         unsafe {
             let (m_codes, m_scale) = decoded.exp_avg;
             let (v_codes, v_scale) = decoded.exp_avg_sq;
-            let v_max = decoded
-                .max_exp_avg_sq
-                .map(|(codes, scale)| q8::decode::<V, Unsigned>(codes.add(i), V::splat(scale)));
-            let [p, m, v, v_hat] = update_element(
+            let second_moment = |codes: *mut u8, scale: f32| {
+                let root = q8::decode::<V, SecondMoments>(codes.add(i), V::splat(scale));
+                q8::moment::<V, SecondMoments>(root)
+            };
+            let [p, m, v, _, root_v_hat] = update_element(
                 P::load::<V>(weights.params.add(i)),
                 G::load::<V>(weights.grads.add(i)),
-                q8::decode::<V, Signed>(m_codes.add(i), V::splat(m_scale)),
-                q8::decode::<V, Unsigned>(v_codes.add(i), V::splat(v_scale)),
-                v_max,
+                q8::decode::<V, FirstMoments>(m_codes.add(i), V::splat(m_scale)),
+                second_moment(v_codes, v_scale),
+                decoded
+                    .max_exp_avg_sq
+                    .map(|(codes, scale)| second_moment(codes, scale)),
                 &c,
             );
             let element = start + i as u64;
@@ -342,6 +348,12 @@ unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
                 p,
                 keys.map(|k| random_bits::<V>(element, k.params_and_exp_avg)),
             );
+            // The stored values: m, and the square roots of v and v̂ (the
+            // step took √v̂, which is √v without AMSGrad).
+            let (v, v_hat) = match decoded.max_exp_avg_sq {
+                None => (root_v_hat, root_v_hat),
+                Some(_) => (q8::stored::<V, SecondMoments>(v), root_v_hat),
+            };
             m.store(buffers.exp_avg.as_mut_ptr().add(within));
             v.store(buffers.exp_avg_sq.as_mut_ptr().add(within));
             largest[0] = largest[0].max(q8::magnitude_bits(m));
@@ -355,8 +367,8 @@ unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
     largest.map(Bits::reduce_max)
 }
 
-/// Encodes one block's new values under the scale their largest magnitude
-/// gives, in vectors of `V` and then a lane at a time.
+/// Encodes one block's new stored values under the scale their largest
+/// magnitude gives, in vectors of `V` and then a lane at a time.
 ///
 /// # Safety
 /// `block` must be a block of `q`, holding `values.len()` elements.
@@ -367,7 +379,7 @@ unsafe fn encode_block<V: Lanes, F: q8::Format>(
     block: usize,
     largest: u32,
 ) {
-    let scale = q8::scale_of(largest);
+    let scale = q8::scale_of::<F>(largest);
     let inverse = q8::inverse_of(scale);
     let codes = q.codes.wrapping_add(block * BLOCK);
     let body = values.len() - values.len() % V::LANES;

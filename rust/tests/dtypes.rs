@@ -18,18 +18,18 @@ enum Column {
     F32(Vec<f32>),
     Bf16(Vec<Bf16>),
     F16(Vec<F16>),
-    /// 8-bit state: codes, block scales, and whether the format is signed (m).
+    /// 8-bit state: codes, block scales, and whether they hold first moments.
     Q8(Vec<u8>, Vec<f32>, bool),
 }
 
 impl Column {
-    /// `values` rounded to nearest in `dtype` (8-bit: signed, as for m).
+    /// `values` rounded to nearest in `dtype` (8-bit: as first moments).
     fn new(dtype: DType, values: &[f32]) -> Self {
         Self::of_role(dtype, values, true)
     }
 
-    /// As `new`, with 8-bit values in the format of m (`signed`) or of v.
-    fn of_role(dtype: DType, values: &[f32], signed: bool) -> Self {
+    /// As `new`, with 8-bit values in the format of first moments or of second ones.
+    fn of_role(dtype: DType, values: &[f32], first: bool) -> Self {
         match dtype {
             DType::F32 => Self::F32(values.to_vec()),
             DType::Bf16 => Self::Bf16(values.iter().map(|&x| Bf16::from_f32(x)).collect()),
@@ -37,8 +37,8 @@ impl Column {
             DType::Q8 => {
                 let mut codes = vec![0u8; values.len()];
                 let mut scales = vec![0.0; q8::blocks(values.len())];
-                q8::quantize(values, &mut codes, &mut scales, signed);
-                Self::Q8(codes, scales, signed)
+                q8::quantize(values, &mut codes, &mut scales, first);
+                Self::Q8(codes, scales, first)
             }
         }
     }
@@ -66,9 +66,9 @@ impl Column {
             Self::F32(x) => x.clone(),
             Self::Bf16(x) => x.iter().map(|x| x.to_f32()).collect(),
             Self::F16(x) => x.iter().map(|x| x.to_f32()).collect(),
-            Self::Q8(codes, scales, signed) => {
+            Self::Q8(codes, scales, first) => {
                 let mut values = vec![0.0; codes.len()];
-                q8::dequantize(codes, scales, *signed, &mut values);
+                q8::dequantize(codes, scales, *first, &mut values);
                 values
             }
         }
@@ -310,9 +310,8 @@ fn a_16_bit_step_is_the_float32_step_on_the_widened_values_rounded() {
         let level = simd::active_level().unwrap();
         simd::update(level, t.slices(), &constants(3), Rounding::Nearest);
         let [p, _, state] = dtypes;
-        let rounded = |dtype, c: &Column, signed| {
-            Column::of_role(dtype, &c.to_f32(), signed).canonical_bits()
-        };
+        let rounded =
+            |dtype, c: &Column, first| Column::of_role(dtype, &c.to_f32(), first).canonical_bits();
         let what = format!("{dtypes:?} copy {copy:?} amsgrad {amsgrad}");
         assert_same(&t.p.canonical_bits(), &rounded(p, &wide.p, true), &what);
         assert_same(&t.m.canonical_bits(), &rounded(state, &wide.m, true), &what);

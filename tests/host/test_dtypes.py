@@ -372,39 +372,42 @@ def test_host_adamw_refuses_bad_dtype_options(options, error, message):
         host.HostAdamW([np.zeros(4, F32)], **options)
 
 
-def format_values(signed):
-    """Every code's value at scale 1, from the format's description (not the
-    kernel's code): sign, then exponent and mantissa bits; subnormal at 0."""
+def format_values(moment):
+    """Every code's stored value at scale 1, from the format's description
+    (not the kernel's code): first moments a sign, 3 exponent and 4 mantissa
+    bits; second moments (their square roots) 3 exponent and 5 mantissa bits;
+    subnormal at exponent 0, bias 7."""
     codes = np.arange(256)
-    exponent_bits = 3 if signed else 4
-    magnitude = codes & 0x7F if signed else codes
-    exponent, mantissa = magnitude >> 4, (magnitude & 15) / 16
-    bias = 2**exponent_bits - 1
-    value = np.where(
-        exponent == 0,
-        mantissa * 2.0 ** (1 - bias),
-        (1 + mantissa) * 2.0 ** (exponent - bias),
-    )
-    return np.where(signed & (codes >= 128), -value, value)
+    mantissa_bits = 4 if moment == 1 else 5
+    magnitude = codes & 0x7F if moment == 1 else codes
+    exponent = magnitude >> mantissa_bits
+    mantissa = (magnitude & (2**mantissa_bits - 1)) / 2**mantissa_bits
+    value = np.where(exponent == 0, mantissa * 2.0**-6, (1 + mantissa) * 2.0 ** (exponent - 7))
+    return np.where((moment == 1) & (codes >= 128), -value, value)
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_8_bit_codes_decode_as_described_and_encode_to_the_nearest(signed):
+@pytest.mark.parametrize("moment", [1, 2])
+def test_8_bit_codes_decode_as_described_and_encode_to_the_nearest(moment):
     rng = np.random.default_rng(6)
     n = 10 * host.QuantizedState.BLOCK + 77
     values = rng.standard_normal(n) * np.exp(rng.uniform(-12, 2, n))
-    if not signed:
+    if moment == 2:
         values = values**2
-    state = host.QuantizedState.from_float(values, signed=signed)
-    table = format_values(signed)
+    stored = values if moment == 1 else np.sqrt(values)
+    state = host.QuantizedState.from_float(values, moment=moment)
+    table = format_values(moment)
     scale = np.repeat(state.scales.astype(np.float64), host.QuantizedState.BLOCK)[:n]
-    decoded = state.to_float()
-    np.testing.assert_array_equal(decoded, (table[state.codes] * scale).astype(np.float32))
-    # Each block's scale is its largest magnitude / 1.9375 (the largest code).
-    blocks = np.array_split(np.abs(values).astype(np.float32), range(256, n, 256))
-    np.testing.assert_allclose(state.scales, [b.max() / 1.9375 for b in blocks], rtol=1e-6)
-    # Nearest among all 256 codes, found by brute force (ties may go either way).
-    distances = np.abs(table[None, :] * scale[:, None] - values.astype(np.float32)[:, None])
+    decoded = (table[state.codes] * scale).astype(np.float32)
+    np.testing.assert_array_equal(state.to_float(), decoded if moment == 1 else decoded**2)
+    # Each block's scale is its largest stored magnitude over the largest code.
+    largest = 1.9375 if moment == 1 else 1.96875
+    blocks = np.array_split(np.abs(stored).astype(np.float32), range(256, n, 256))
+    np.testing.assert_allclose(state.scales, [b.max() / largest for b in blocks], rtol=1e-6)
+    # Nearest among all 256 codes, found by brute force (ties may go either way),
+    # except that a nonzero second moment never rounds to zero.
+    distances = np.abs(table[None, :] * scale[:, None] - stored.astype(np.float32)[:, None])
+    if moment == 2:
+        distances[:, 0] = np.inf
     chosen = distances[np.arange(n), state.codes]
     assert np.all(chosen <= distances.min(1) * (1 + 1e-6) + 1e-30)
 
@@ -414,19 +417,23 @@ def test_8_bit_state_follows_the_float64_reference_within_its_rounding():
     n = 5000
     p = rng.standard_normal(n).astype(F32)
     g = (rng.standard_normal(n) * 0.03).astype(BF16)
-    m = host.QuantizedState.from_float(rng.standard_normal(n) * 0.01, signed=True)
-    v = host.QuantizedState.from_float(rng.uniform(1e-6, 1e-3, n), signed=False)
+    m = host.QuantizedState.from_float(rng.standard_normal(n) * 0.01, moment=1)
+    v = host.QuantizedState.from_float(rng.uniform(1e-6, 1e-3, n), moment=2)
     expected = reference_step(
         dict(params=p, grads=g, exp_avgs=m.to_float(), exp_avg_sqs=v.to_float()), step=4
     )
     host.adamw_update(p, g, m, v, step=4, **HYPER)
     # The params use the new moments before they are rounded: float32 accuracy.
     np.testing.assert_allclose(p, expected["params"], rtol=2e-6, atol=1e-8)
-    for state, exact in ((m, expected["exp_avgs"]), (v, expected["exp_avg_sqs"])):
+    for state, exact, spacing, smallest in (
+        (m, expected["exp_avgs"], 1 / 32, 2.0**-10),
+        (v, np.sqrt(expected["exp_avg_sqs"]), 1 / 64, 2.0**-11),
+    ):
         scale = np.repeat(state.scales, host.QuantizedState.BLOCK)[:n].astype(np.float64)
-        smallest_step = scale * 2.0 ** (-10 if state.signed else -18)
-        error = np.abs(state.to_float() - exact)
-        assert np.all(error <= np.abs(exact) / 32 * 1.0001 + smallest_step)
+        got = state.to_float().astype(np.float64)
+        got = got if state.moment == 1 else np.sqrt(got)
+        error = np.abs(got - exact)
+        assert np.all(error <= np.abs(exact) * spacing * 1.0001 + smallest * scale)
 
 
 def test_8_bit_state_round_trips_through_checkpoints_and_converts():
@@ -464,15 +471,15 @@ def test_8_bit_state_round_trips_through_checkpoints_and_converts():
 
 def test_8_bit_state_of_the_wrong_kind_or_size_is_refused():
     p, g = np.ones(600, F32), np.ones(600, F32)
-    m, v = host.QuantizedState(600, signed=True), host.QuantizedState(600, signed=False)
+    m, v = host.QuantizedState(600, moment=1), host.QuantizedState(600, moment=2)
     before = p.copy()
-    with pytest.raises(ValueError, match=r"exp_avgs\[0\] holds first moments, which need a "):
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] needs a QuantizedState of moment=1"):
         host.adamw_update(p, g, v, m, step=1, **HYPER)
-    short = host.QuantizedState(600, signed=False)
+    short = host.QuantizedState(600, moment=2)
     short.scales = short.scales[:2]
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[0\] has 2 block scales where 600"):
         host.adamw_update(p, g, m, short, step=1, **HYPER)
-    wrong = host.QuantizedState(600, signed=False)
+    wrong = host.QuantizedState(600, moment=2)
     wrong.codes = wrong.codes.astype(np.int16)
     with pytest.raises(TypeError, match=r"exp_avg_sqs\[0\]\.codes has dtype int16"):
         host.adamw_update(p, g, m, wrong, step=1, **HYPER)
@@ -481,3 +488,5 @@ def test_8_bit_state_of_the_wrong_kind_or_size_is_refused():
     with pytest.raises(ValueError, match="rounding = 'stochastic' needs something to round"):
         host.adamw_update(p, g, m, v, step=1, rounding="stochastic", **HYPER)
     assert np.array_equal(p, before) and not m.codes.any() and not v.scales.any()
+    with pytest.raises(ValueError, match="moment must be 1"):
+        host.QuantizedState(4, moment=3)
