@@ -51,7 +51,7 @@ set_simd_level = _core.set_simd_level
 num_threads = _core.num_threads
 set_num_threads = _core.set_num_threads
 
-#: Caps the SIMD level (``scalar``, ``avx2``, ``avx512``, ``neon``); read once.
+#: Caps the SIMD level (``scalar``, ``avx2``, ``avx512``, ``avx512bf16``, ``neon``); read once.
 SIMD_ENV_VAR: str = _core.SIMD_ENV_VAR
 #: The default thread count; read when the thread pool starts.
 THREADS_ENV_VAR: str = _core.THREADS_ENV_VAR

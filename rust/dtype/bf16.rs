@@ -14,7 +14,7 @@ pub struct Bf16(pub u16);
 
 impl Bf16 {
     pub fn from_f32(x: f32) -> Self {
-        Self(nearest::<f32>(x) as u16)
+        Self(nearest_in_integers::<f32>(x) as u16)
     }
 
     pub fn to_f32(self) -> f32 {
@@ -22,9 +22,11 @@ impl Bf16 {
     }
 }
 
-/// `x` rounded to nearest even, as bfloat16 bits in the low 16 bits of each lane.
+/// `x` rounded to nearest even, as bfloat16 bits in the low 16 bits of each
+/// lane: the definition, and what `Lanes::store_bf16` stores unless an
+/// instruction set has an instruction that gives the same bits.
 #[inline(always)]
-fn nearest<V: Lanes>(x: V) -> V::Bits {
+pub(crate) fn nearest_in_integers<V: Lanes>(x: V) -> V::Bits {
     let bits = x.to_bits();
     let upper = bits.shr(16);
     // Adding just under half, plus the kept LSB, carries exactly when rounding up (ties to even).
@@ -60,7 +62,7 @@ impl Element for Bf16 {
     #[inline(always)]
     unsafe fn store<V: Lanes>(value: V, to: *mut Self) {
         // SAFETY: the caller's contract; Bf16 is a transparent u16.
-        unsafe { nearest(value).store_u16(to.cast()) }
+        unsafe { value.store_bf16(to.cast()) }
     }
 
     #[inline(always)]
@@ -107,7 +109,8 @@ mod tests {
             f32::from_bits(0x7FFF_FFFF),
         ] {
             for random in [0, 0xFFFF, 0xFFFF_FFFF] {
-                assert_eq!(stochastic::<f32>(special, random), nearest::<f32>(special));
+                let nearest = nearest_in_integers::<f32>(special);
+                assert_eq!(stochastic::<f32>(special, random), nearest);
             }
         }
     }

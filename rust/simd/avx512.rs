@@ -1,4 +1,4 @@
-//! AVX-512F: 16 lanes.
+//! AVX-512F: 16 lanes; with AVX-512 BF16, its conversion to bfloat16.
 
 use super::{update_with, vector_arithmetic, Bits, Lanes};
 use crate::dtype::stochastic::Rounding;
@@ -10,19 +10,31 @@ use std::arch::x86_64::*;
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn update(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
-    update_with::<Avx512>(t, c, rounding);
+    update_with::<Avx512<false>>(t, c, rounding);
 }
 
-/// Made only inside `update`, so on a CPU with AVX-512F.
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512 BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn update_with_bf16_instructions(
+    t: TensorSlices<'_>,
+    c: &StepConstants,
+    rounding: Rounding,
+) {
+    update_with::<Avx512<true>>(t, c, rounding);
+}
+
+/// Made only inside `update` (and, with `BF16`, only inside
+/// `update_with_bf16_instructions`), so on a CPU with those features.
 #[derive(Clone, Copy)]
-struct Avx512(__m512);
+struct Avx512<const BF16: bool>(__m512);
 
 /// Made only inside `update`, like `Avx512`.
 #[derive(Clone, Copy)]
 struct Avx512Bits(__m512i);
 
 vector_arithmetic!(
-    Avx512,
+    Avx512<const BF16: bool>,
     _mm512_add_ps,
     _mm512_sub_ps,
     _mm512_mul_ps,
@@ -33,7 +45,7 @@ vector_arithmetic!(
 const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
 // SAFETY (every block below): a value of these types exists only inside `update`.
-impl Lanes for Avx512 {
+impl<const BF16: bool> Lanes for Avx512<BF16> {
     const LANES: usize = 16;
     type Bits = Avx512Bits;
 
@@ -91,6 +103,29 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn store_f16(self, to: *mut u16) {
         unsafe { _mm256_storeu_si256(to.cast(), _mm512_cvtps_ph::<NEAREST>(self.0)) }
+    }
+
+    #[inline(always)]
+    unsafe fn store_bf16(self, to: *mut u16) {
+        let in_integers = crate::dtype::bf16::nearest_in_integers::<Self>;
+        if !BF16 {
+            return unsafe { in_integers(self).store_u16(to) };
+        }
+        // vcvtneps2bf16 rounds to nearest even and quiets NaNs as the integer
+        // definition does, but reads subnormals as zero: a vector holding one
+        // takes the definition instead (rare: below 2^-126).
+        let magnitude = self.to_bits().and(Avx512Bits::splat(0x7FFF_FFFF)).0;
+        let subnormal = unsafe {
+            _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x0080_0000))
+                & _mm512_cmpneq_epu32_mask(magnitude, _mm512_setzero_si512())
+        };
+        if subnormal != 0 {
+            return unsafe { in_integers(self).store_u16(to) };
+        }
+        let halves: __m256bh = unsafe { _mm512_cvtneps_pbh(self.0) };
+        // SAFETY (transmute): both are 256 bits of lanes, bfloat16 ones as integers.
+        let halves = unsafe { std::mem::transmute::<__m256bh, __m256i>(halves) };
+        unsafe { _mm256_storeu_si256(to.cast(), halves) }
     }
 }
 

@@ -35,10 +35,18 @@ pub enum SimdLevel {
     Neon = 1,
     Avx2 = 2,
     Avx512 = 3,
+    /// AVX-512F with AVX-512 BF16's conversion instruction.
+    Avx512Bf16 = 4,
 }
 
 impl SimdLevel {
-    pub const ALL: [SimdLevel; 4] = [Self::Scalar, Self::Neon, Self::Avx2, Self::Avx512];
+    pub const ALL: [SimdLevel; 5] = [
+        Self::Scalar,
+        Self::Neon,
+        Self::Avx2,
+        Self::Avx512,
+        Self::Avx512Bf16,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +54,7 @@ impl SimdLevel {
             Self::Neon => "neon",
             Self::Avx2 => "avx2",
             Self::Avx512 => "avx512",
+            Self::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -66,6 +75,10 @@ impl SimdLevel {
             }
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Bf16 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            }
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -172,6 +185,16 @@ pub trait Lanes:
     /// # Safety
     /// `LANES` u16s must be writable at `to`.
     unsafe fn store_f16(self, to: *mut u16);
+    /// The lanes rounded to nearest-even bfloat16s, stored at `to` (by
+    /// default in integer arithmetic, `dtype::bf16`).
+    ///
+    /// # Safety
+    /// `LANES` u16s must be writable at `to`.
+    #[inline(always)]
+    unsafe fn store_bf16(self, to: *mut u16) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::dtype::bf16::nearest_in_integers(self).store_u16(to) }
+    }
 }
 
 /// 32-bit integer lanes, for the conversions and the random bits of
@@ -369,8 +392,8 @@ impl Bits for u32 {
 /// it only inside its `#[target_feature]` entry point, so the intrinsics run
 /// only on a CPU that has them.
 macro_rules! vector_arithmetic {
-    ($vector:ident, $add:ident, $sub:ident, $mul:ident, $div:ident) => {
-        impl std::ops::Add for $vector {
+    ($vector:ident $(<const $flag:ident: bool>)?, $add:ident, $sub:ident, $mul:ident, $div:ident) => {
+        impl$(<const $flag: bool>)? std::ops::Add for $vector$(<$flag>)? {
             type Output = Self;
             #[inline(always)]
             fn add(self, other: Self) -> Self {
@@ -378,7 +401,7 @@ macro_rules! vector_arithmetic {
                 Self(unsafe { $add(self.0, other.0) })
             }
         }
-        impl std::ops::Sub for $vector {
+        impl$(<const $flag: bool>)? std::ops::Sub for $vector$(<$flag>)? {
             type Output = Self;
             #[inline(always)]
             fn sub(self, other: Self) -> Self {
@@ -386,7 +409,7 @@ macro_rules! vector_arithmetic {
                 Self(unsafe { $sub(self.0, other.0) })
             }
         }
-        impl std::ops::Mul for $vector {
+        impl$(<const $flag: bool>)? std::ops::Mul for $vector$(<$flag>)? {
             type Output = Self;
             #[inline(always)]
             fn mul(self, other: Self) -> Self {
@@ -394,7 +417,7 @@ macro_rules! vector_arithmetic {
                 Self(unsafe { $mul(self.0, other.0) })
             }
         }
-        impl std::ops::Div for $vector {
+        impl$(<const $flag: bool>)? std::ops::Div for $vector$(<$flag>)? {
             type Output = Self;
             #[inline(always)]
             fn div(self, other: Self) -> Self {
@@ -415,6 +438,11 @@ pub fn update_scalar(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding)
 /// Runs the update at `level`; falls back to scalar for a level the CPU lacks.
 pub fn update(level: SimdLevel, t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
     match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: is_supported() checked AVX-512F and AVX-512 BF16 on this CPU.
+        SimdLevel::Avx512Bf16 if level.is_supported() => unsafe {
+            avx512::update_with_bf16_instructions(t, c, rounding)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: is_supported() checked AVX-512F on this CPU.
         SimdLevel::Avx512 if level.is_supported() => unsafe { avx512::update(t, c, rounding) },

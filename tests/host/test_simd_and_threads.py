@@ -40,7 +40,7 @@ def run(arrays, cuts=(), **hyper):
 def test_scalar_is_always_supported_and_the_widest_is_the_default():
     levels = host.supported_simd_levels()
     assert levels[0] == "scalar"
-    assert set(levels) <= {"scalar", "neon", "avx2", "avx512"}
+    assert set(levels) <= {"scalar", "neon", "avx2", "avx512", "avx512bf16"}
 
 
 @pytest.mark.parametrize("hyper", [{}, dict(epsilon_mode="torch", maximize=True, grad_scale=3.0)])
@@ -64,7 +64,7 @@ def test_every_level_threads_and_split_is_bitwise_equal(restore_settings, hyper)
 
 
 def test_a_level_the_cpu_lacks_is_refused(restore_settings):
-    missing = {"scalar", "neon", "avx2", "avx512"} - set(host.supported_simd_levels())
+    missing = {"scalar", "neon", "avx2", "avx512", "avx512bf16"} - set(host.supported_simd_levels())
     for level in [*missing, "sse9"]:
         with pytest.raises(ValueError, match="level must be one this CPU supports"):
             host.set_simd_level(level)
