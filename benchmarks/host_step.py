@@ -97,6 +97,10 @@ def torch_adamw(sizes, rng, variant: str) -> Contender:
     return Contender(f"torch AdamW {variant}", optimizer.step)
 
 
+#: Not installed, or its CPU Adam op did not build (it JIT-builds with ninja on PATH).
+DEEPSPEED_UNAVAILABLE = (ImportError, RuntimeError)
+
+
 def deepspeed_adam(sizes, rng) -> Contender:
     import torch
     from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -143,7 +147,7 @@ def numpy_inplace(sizes, rng) -> Contender:
     return Contender("NumPy in-place", step)
 
 
-def bf16_arrays(sizes: list[int], rng: np.random.Generator, dtype: str) -> list[np.ndarray]:
+def arrays_of(sizes: list[int], rng: np.random.Generator, dtype: str) -> list[np.ndarray]:
     import ml_dtypes
 
     np_dtype = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}[dtype]
@@ -167,13 +171,13 @@ DTYPE_ROWS = [
 
 def ours_with_dtypes(sizes, rng, row) -> Contender:
     name, p_dtype, g_dtype, state_dtype, copy_dtype, rounding, _ = row
-    p, g = bf16_arrays(sizes, rng, p_dtype), bf16_arrays(sizes, rng, g_dtype)
+    p, g = arrays_of(sizes, rng, p_dtype), arrays_of(sizes, rng, g_dtype)
     if state_dtype == "int8":
         m = [host.QuantizedState(n, moment=1) for n in sizes]
         v = [host.QuantizedState(n, moment=2) for n in sizes]
     else:
-        m, v = ([a * 0 for a in bf16_arrays(sizes, rng, state_dtype)] for _ in range(2))
-    copies = None if copy_dtype is None else bf16_arrays(sizes, rng, copy_dtype)
+        m, v = ([a * 0 for a in arrays_of(sizes, rng, state_dtype)] for _ in range(2))
+    copies = None if copy_dtype is None else arrays_of(sizes, rng, copy_dtype)
     count = [0]
 
     def step():
@@ -249,8 +253,8 @@ def run_dtype_rows(total: int, tensors: int, threads: int, reps: int) -> None:
     contenders.append(torch_with_conversions(sizes, rng))
     try:
         contenders.append(deepspeed_bf16(sizes, rng))
-    except ImportError:
-        print("    (DeepSpeedCPUAdam not importable: its bf16 row is not run)")
+    except DEEPSPEED_UNAVAILABLE as e:
+        print(f"    (DeepSpeedCPUAdam unavailable, {e}: its bf16 row is not run)")
     for contender in contenders:
         contender.step()
     for _ in range(reps):
@@ -307,9 +311,9 @@ def run_row(total: int, tensors: int, threads: int, reps: int, skip_slow: bool) 
     for key, make in makers:
         try:
             contenders.append(make())
-        except ImportError:
+        except DEEPSPEED_UNAVAILABLE as e:
             if key == "deepspeed":
-                print(f"    (DeepSpeedCPUAdam not importable: skipped at {total} params)")
+                print(f"    (DeepSpeedCPUAdam unavailable, {e}: skipped at {total} params)")
             else:
                 raise
     for contender in contenders:  # warm up: first-touch page faults, thread pools, JIT

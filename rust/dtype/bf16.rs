@@ -3,8 +3,7 @@
 //! arithmetic, so every instruction set gets the same bits (no hardware
 //! conversion: AVX-512 BF16's flushes subnormals).
 
-use super::{quiet_nan_or, Element};
-use crate::dtype::DType;
+use super::{element_slices, quiet_nan_or, Element};
 use crate::simd::{Bits, Lanes};
 
 /// A bfloat16, as its bits (`ml_dtypes.bfloat16`, `torch.bfloat16`).
@@ -51,7 +50,7 @@ pub(crate) fn stochastic<V: Lanes>(x: V, random: V::Bits) -> V::Bits {
 }
 
 impl Element for Bf16 {
-    const DTYPE: DType = DType::Bf16;
+    element_slices!(Bf16);
 
     #[inline(always)]
     unsafe fn load<V: Lanes>(from: *const Self) -> V {

@@ -3,8 +3,7 @@
 //! fcvtl/fcvtn), which round to nearest even; the scalar reference here does
 //! the same in integer arithmetic, and the kernel tests hold them bitwise equal.
 
-use super::{quiet_nan_or, Element};
-use crate::dtype::DType;
+use super::{element_slices, quiet_nan_or, Element};
 use crate::simd::{Bits, Lanes};
 
 /// A float16, as its bits (`numpy.float16`, `torch.float16`).
@@ -76,7 +75,7 @@ pub(crate) fn stochastic<V: Lanes>(x: V, random: V::Bits) -> V {
 }
 
 impl Element for F16 {
-    const DTYPE: DType = DType::F16;
+    element_slices!(F16);
 
     #[inline(always)]
     unsafe fn load<V: Lanes>(from: *const Self) -> V {

@@ -45,9 +45,31 @@ impl DType {
     }
 }
 
+/// `Element::of` and `of_ref` for the type of `Elements::$variant`.
+macro_rules! element_slices {
+    ($variant:ident) => {
+        fn of(elements: $crate::dtype::Elements<'_>) -> Option<&mut [Self]> {
+            match elements {
+                $crate::dtype::Elements::$variant(x) => Some(x),
+                _ => None,
+            }
+        }
+
+        fn of_ref(elements: $crate::dtype::ElementsRef<'_>) -> Option<&[Self]> {
+            match elements {
+                $crate::dtype::ElementsRef::$variant(x) => Some(x),
+                _ => None,
+            }
+        }
+    };
+}
+use element_slices;
+
 /// A stored element type: loaded into float32 lanes exactly, stored rounded.
 pub trait Element: Copy + Send + Sync + 'static {
-    const DTYPE: DType;
+    /// The slice of this type in `elements`, if that is its dtype.
+    fn of(elements: Elements<'_>) -> Option<&mut [Self]>;
+    fn of_ref(elements: ElementsRef<'_>) -> Option<&[Self]>;
 
     /// `V::LANES` elements at `from`, as float32 (exact).
     ///
@@ -70,7 +92,7 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 impl Element for f32 {
-    const DTYPE: DType = DType::F32;
+    element_slices!(F32);
 
     #[inline(always)]
     unsafe fn load<V: Lanes>(from: *const Self) -> V {
@@ -225,36 +247,6 @@ impl<'a> ElementsRef<'a> {
         }
     }
 }
-
-/// Picks the typed slice out of `Elements` for a generic `E`.
-pub trait Typed: Element {
-    fn of<'a>(elements: Elements<'a>) -> Option<&'a mut [Self]>;
-    fn of_ref<'a>(elements: ElementsRef<'a>) -> Option<&'a [Self]>;
-}
-
-macro_rules! typed {
-    ($type:ty, $variant:ident) => {
-        impl Typed for $type {
-            fn of<'a>(elements: Elements<'a>) -> Option<&'a mut [Self]> {
-                match elements {
-                    Elements::$variant(x) => Some(x),
-                    _ => None,
-                }
-            }
-
-            fn of_ref<'a>(elements: ElementsRef<'a>) -> Option<&'a [Self]> {
-                match elements {
-                    ElementsRef::$variant(x) => Some(x),
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-
-typed!(f32, F32);
-typed!(Bf16, Bf16);
-typed!(F16, F16);
 
 /// Keeps a NaN (quieted, so that narrowing cannot turn it into an infinity)
 /// where `x` is one, and `rounded` elsewhere.

@@ -177,22 +177,42 @@ pub fn quantize(values: &[f32], codes: &mut [u8], scales: &mut [f32], first: boo
 
 fn quantize_as<F: Format>(values: &[f32], codes: &mut [u8], scales: &mut [f32]) {
     assert!(codes.len() == values.len() && scales.len() == blocks(values.len()));
+    let mut stored_values = [0.0f32; BLOCK];
     for ((values, codes), scale) in values
         .chunks(BLOCK)
         .zip(codes.chunks_mut(BLOCK))
         .zip(scales.iter_mut())
     {
-        let largest = values
-            .iter()
-            .map(|&x| stored::<f32, F>(x).to_bits() & 0x7FFF_FFFF)
-            .max();
-        *scale = scale_of::<F>(largest.unwrap_or(0));
-        let inverse = inverse_of(*scale);
-        for (&x, code) in values.iter().zip(codes) {
-            // SAFETY: one lane, one byte.
-            unsafe { encode::<f32, F>(stored::<f32, F>(x) * inverse, code) }
+        let block = &mut stored_values[..values.len()];
+        for (to, &x) in block.iter_mut().zip(values) {
+            *to = stored::<f32, F>(x);
+        }
+        let largest = block.iter().map(|&x| magnitude_bits(x)).max();
+        *scale = encode_block::<f32, F>(block, codes, largest.unwrap_or(0));
+    }
+}
+
+/// Encodes one block's stored `values` into `codes` under the scale that
+/// their largest magnitude (`largest`, as float32 bits) gives, in vectors of
+/// `V` and then a lane at a time; returns the scale.
+#[inline(always)]
+pub fn encode_block<V: Lanes, F: Format>(values: &[f32], codes: &mut [u8], largest: u32) -> f32 {
+    assert_eq!(values.len(), codes.len());
+    let scale = scale_of::<F>(largest);
+    let inverse = inverse_of(scale);
+    let body = values.len() - values.len() % V::LANES;
+    for i in (0..body).step_by(V::LANES) {
+        // SAFETY: i + LANES <= body <= the length of both slices.
+        unsafe {
+            let x = V::load(values.as_ptr().add(i)) * V::splat(inverse);
+            encode::<V, F>(x, codes.as_mut_ptr().add(i));
         }
     }
+    for (&x, code) in values[body..].iter().zip(&mut codes[body..]) {
+        // SAFETY: one lane, one byte.
+        unsafe { encode::<f32, F>(x * inverse, code) }
+    }
+    scale
 }
 
 /// The moments that `codes` and `scales` stand for. Lengths must match.

@@ -5,7 +5,7 @@
 use super::{Bits, Lanes};
 use crate::dtype::q8::{self, FirstMoments, SecondMoments, BLOCK};
 use crate::dtype::stochastic::{self, Rounding, Stream};
-use crate::dtype::{Bf16, DType, Element, Elements, Typed, F16};
+use crate::dtype::{Bf16, DType, Element, Elements, ElementsRef, F16};
 use crate::math::{update_element, StepConstants};
 use crate::TensorSlices;
 
@@ -22,7 +22,7 @@ pub(super) fn update_with<V: Lanes>(t: TensorSlices<'_>, c: &StepConstants, roun
 }
 
 #[inline(always)]
-fn with_params<V: Lanes, P: Typed>(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
+fn with_params<V: Lanes, P: Element>(t: TensorSlices<'_>, c: &StepConstants, rounding: Rounding) {
     match t.grads.dtype() {
         DType::F32 => with_grads::<V, P, f32>(t, c, rounding),
         DType::Bf16 => with_grads::<V, P, Bf16>(t, c, rounding),
@@ -32,7 +32,7 @@ fn with_params<V: Lanes, P: Typed>(t: TensorSlices<'_>, c: &StepConstants, round
 }
 
 #[inline(always)]
-fn with_grads<V: Lanes, P: Typed, G: Typed>(
+fn with_grads<V: Lanes, P: Element, G: Element>(
     t: TensorSlices<'_>,
     c: &StepConstants,
     rounding: Rounding,
@@ -58,14 +58,12 @@ enum CopyOut {
     F16(*mut F16),
 }
 
-impl<'a, P: Typed, G: Typed> Weights<P, G> {
-    fn of(t: &mut TensorSlices<'a>) -> Self {
-        let params = std::mem::replace(&mut t.params, Elements::F32(&mut []));
-        let grads = std::mem::replace(&mut t.grads, crate::ElementsRef::F32(&[]));
+impl<P: Element, G: Element> Weights<P, G> {
+    fn new(params: Elements<'_>, grads: ElementsRef<'_>, copy: Option<Elements<'_>>) -> Self {
         Self {
             params: P::of(params).expect(CHECKED).as_mut_ptr(),
             grads: G::of_ref(grads).expect(CHECKED).as_ptr(),
-            copy: t.param_copy.take().map(|copy| match copy {
+            copy: copy.map(|copy| match copy {
                 Elements::Bf16(x) => CopyOut::Bf16(x.as_mut_ptr()),
                 Elements::F16(x) => CopyOut::F16(x.as_mut_ptr()),
                 _ => unreachable!("TensorSlices::with_param_copy checks the dtype"),
@@ -131,19 +129,28 @@ struct State<S> {
 }
 
 #[inline(always)]
-fn update_typed<V: Lanes, P: Typed, G: Typed, S: Typed>(
-    mut t: TensorSlices<'_>,
+fn update_typed<V: Lanes, P: Element, G: Element, S: Element>(
+    t: TensorSlices<'_>,
     c: &StepConstants,
     rounding: Rounding,
 ) {
     let n = t.len();
-    let (tensor, start) = (t.tensor, t.start);
-    let weights = Weights::<P, G>::of(&mut t);
+    let TensorSlices {
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        param_copy,
+        tensor,
+        start,
+    } = t;
+    let weights = Weights::<P, G>::new(params, grads, param_copy);
     let typed = |e| S::of(e).expect(CHECKED).as_mut_ptr();
     let state = State {
-        exp_avg: typed(t.exp_avg),
-        exp_avg_sq: typed(t.exp_avg_sq),
-        max_exp_avg_sq: t.max_exp_avg_sq.map(typed),
+        exp_avg: typed(exp_avg),
+        exp_avg_sq: typed(exp_avg_sq),
+        max_exp_avg_sq: max_exp_avg_sq.map(typed),
     };
     // Runs of elements whose indices share their upper 32 bits (the random
     // bits hash the lower 32), each in whole vectors and then a scalar tail.
@@ -155,26 +162,25 @@ fn update_typed<V: Lanes, P: Typed, G: Typed, S: Typed>(
         let body = to - (to - from) % V::LANES;
         // SAFETY: from..to lies within the slices, all `n` long (checked by TensorSlices).
         unsafe {
-            update_run::<V, P, G, S>(&weights, &state, from, body, index, keys, c);
-            let tail_index = index + (body - from) as u64;
-            update_run::<f32, P, G, S>(&weights, &state, body, to, tail_index, keys, c);
+            update_run::<V, P, G, S>(&weights, &state, from, body, start, keys, c);
+            update_run::<f32, P, G, S>(&weights, &state, body, to, start, keys, c);
         }
         from = to;
     }
 }
 
-/// The update of elements `from..to` (a multiple of `V::LANES` of them), the
-/// first of which has index `index` in its tensor.
+/// The update of elements `from..to` (a multiple of `V::LANES` of them) of
+/// slices whose first element has index `start` in its tensor.
 ///
 /// # Safety
 /// Every pointer must be valid for elements `from..to`, and no two may overlap.
 #[inline(always)]
-unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
+unsafe fn update_run<V: Lanes, P: Element, G: Element, S: Element>(
     weights: &Weights<P, G>,
     state: &State<S>,
     from: usize,
     to: usize,
-    index: u64,
+    start: u64,
     keys: Option<Keys>,
     c: &StepConstants,
 ) {
@@ -191,7 +197,7 @@ unsafe fn update_run<V: Lanes, P: Typed, G: Typed, S: Typed>(
                 v_max,
                 &c,
             );
-            let element = index + (i - from) as u64;
+            let element = start + i as u64;
             let shared = keys.map(|k| random_bits::<V>(element, k.params_and_exp_avg));
             weights.store(i, p, shared);
             match keys.zip(shared) {
@@ -232,6 +238,21 @@ impl Quantized {
             _ => unreachable!("{CHECKED}"),
         }
     }
+
+    /// Encodes block `block`'s new stored values and writes its new scale.
+    ///
+    /// # Safety
+    /// `block` must be a block of these slices, holding `values.len()` elements,
+    /// that nothing else uses meanwhile.
+    #[inline(always)]
+    unsafe fn encode<V: Lanes, F: q8::Format>(&self, values: &[f32], block: usize, largest: u32) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let codes = std::slice::from_raw_parts_mut(self.codes.add(block * BLOCK), values.len());
+            let scale = q8::encode_block::<V, F>(values, codes, largest);
+            self.scales.add(block).write(scale);
+        }
+    }
 }
 
 /// One block's new stored values (m, √v, √v̂), before they are encoded.
@@ -245,17 +266,26 @@ struct BlockBuffers {
 /// moments, update (writing the params), take the new moments' largest
 /// magnitudes as the new scales, encode. The state is rounded to nearest.
 #[inline(always)]
-fn update_quantized<V: Lanes, P: Typed, G: Typed>(
-    mut t: TensorSlices<'_>,
+fn update_quantized<V: Lanes, P: Element, G: Element>(
+    t: TensorSlices<'_>,
     c: &StepConstants,
     rounding: Rounding,
 ) {
     let n = t.len();
-    let (tensor, start) = (t.tensor, t.start);
-    let weights = Weights::<P, G>::of(&mut t);
-    let exp_avg = Quantized::of(t.exp_avg);
-    let exp_avg_sq = Quantized::of(t.exp_avg_sq);
-    let max_exp_avg_sq = t.max_exp_avg_sq.map(Quantized::of);
+    let TensorSlices {
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq,
+        param_copy,
+        tensor,
+        start,
+    } = t;
+    let weights = Weights::<P, G>::new(params, grads, param_copy);
+    let exp_avg = Quantized::of(exp_avg);
+    let exp_avg_sq = Quantized::of(exp_avg_sq);
+    let max_exp_avg_sq = max_exp_avg_sq.map(Quantized::of);
     let mut buffers = BlockBuffers {
         exp_avg: [0.0; BLOCK],
         exp_avg_sq: [0.0; BLOCK],
@@ -281,13 +311,11 @@ fn update_quantized<V: Lanes, P: Typed, G: Typed>(
             ];
             let largest = |k: usize| Ord::max(body_largest[k], tail_largest[k]);
             let len = to - from;
-            let first = &buffers.exp_avg[..len];
-            encode_block::<V, FirstMoments>(first, &exp_avg, block, largest(0));
+            exp_avg.encode::<V, FirstMoments>(&buffers.exp_avg[..len], block, largest(0));
             let second = &buffers.exp_avg_sq[..len];
-            encode_block::<V, SecondMoments>(second, &exp_avg_sq, block, largest(1));
+            exp_avg_sq.encode::<V, SecondMoments>(second, block, largest(1));
             if let Some(q) = &max_exp_avg_sq {
-                let maxima = &buffers.max_exp_avg_sq[..len];
-                encode_block::<V, SecondMoments>(maxima, q, block, largest(2));
+                q.encode::<V, SecondMoments>(&buffers.max_exp_avg_sq[..len], block, largest(2));
             }
         }
     }
@@ -308,7 +336,7 @@ struct Decoded {
 /// As for `update_run`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
+unsafe fn quantized_run<V: Lanes, P: Element, G: Element>(
     weights: &Weights<P, G>,
     decoded: &Decoded,
     from: usize,
@@ -365,33 +393,4 @@ unsafe fn quantized_run<V: Lanes, P: Typed, G: Typed>(
         }
     }
     largest.map(Bits::reduce_max)
-}
-
-/// Encodes one block's new stored values under the scale their largest
-/// magnitude gives, in vectors of `V` and then a lane at a time.
-///
-/// # Safety
-/// `block` must be a block of `q`, holding `values.len()` elements.
-#[inline(always)]
-unsafe fn encode_block<V: Lanes, F: q8::Format>(
-    values: &[f32],
-    q: &Quantized,
-    block: usize,
-    largest: u32,
-) {
-    let scale = q8::scale_of::<F>(largest);
-    let inverse = q8::inverse_of(scale);
-    let codes = q.codes.wrapping_add(block * BLOCK);
-    let body = values.len() - values.len() % V::LANES;
-    // SAFETY (the block): the caller's contract; i + LANES <= values.len().
-    unsafe {
-        q.scales.add(block).write(scale);
-        for i in (0..body).step_by(V::LANES) {
-            let x = V::load(values.as_ptr().add(i)) * V::splat(inverse);
-            q8::encode::<V, F>(x, codes.add(i));
-        }
-        for (i, &x) in values.iter().enumerate().skip(body) {
-            q8::encode::<f32, F>(x * inverse, codes.add(i));
-        }
-    }
 }
