@@ -196,15 +196,20 @@ def train(name: str, text: np.ndarray, steps: int, batch: int, peak: float) -> l
 MOMENTS: dict[str, np.ndarray] = {}
 
 
-def main() -> None:
+def training_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options of a training run: steps, batch, peak learning rate, plot."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (cosine)")
     parser.add_argument("--plot", metavar="PNG", help="draw the loss curves")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = training_arguments(__doc__).parse_args()
     text = stdlib_text(4_000_000)
     print(
         f"{len(text) / 1e6:.1f} MB of standard-library source; {args.steps} steps of {args.batch}"

@@ -18,9 +18,14 @@ Then one epoch of `fit` of an embedding-heavy model. Median ms.
 
     python benchmarks/keras_step.py --plot keras_step.png   # also a chart of the step tables
     python benchmarks/keras_step.py --memory   # peak extra memory of a step instead
+    python benchmarks/keras_step.py --dtypes   # 16-bit models and compact state instead
 
 The peak resident memory of a few steps on one large variable, above the
 memory after `build`, each contender in a process of its own (Linux).
+
+With --dtypes, the trainer's step of float32 and bfloat16 models
+(keras.optimizers.AdamW, ours on ops and on the host path, with float32 and
+bfloat16 state, masters for the bf16 model): x the float32 host path.
 """
 
 from __future__ import annotations
@@ -56,6 +61,32 @@ OPTIMIZERS = {
     "keras_adamw host, offloaded": lambda keras, AdamW: AdamW(offload_state=True),
 }
 OFFLOADED = "keras_adamw host, offloaded"
+# --dtypes: (the variables' dtype, the optimizer).
+DTYPE_OPTIMIZERS = {
+    "keras.optimizers.AdamW": ("float32", lambda keras, AdamW: keras.optimizers.AdamW()),
+    "keras_adamw host": ("float32", lambda keras, AdamW: AdamW(implementation="host")),
+    "keras_adamw ops, bf16 state": (
+        "float32",
+        lambda keras, AdamW: AdamW(implementation="ops", state_dtype="bfloat16"),
+    ),
+    "keras_adamw host, bf16 state": (
+        "float32",
+        lambda keras, AdamW: AdamW(implementation="host", state_dtype="bfloat16"),
+    ),
+    "bf16 model, keras.optimizers.AdamW": (
+        "bfloat16",
+        lambda keras, AdamW: keras.optimizers.AdamW(),
+    ),
+    "bf16 model, keras_adamw ops": ("bfloat16", lambda keras, AdamW: AdamW(implementation="ops")),
+    "bf16 model, keras_adamw host": (
+        "bfloat16",
+        lambda keras, AdamW: AdamW(implementation="host"),
+    ),
+    "bf16 model, keras_adamw host, bf16 state": (
+        "bfloat16",
+        lambda keras, AdamW: AdamW(implementation="host", state_dtype="bfloat16"),
+    ),
+}
 
 
 def contender_names(backend):
@@ -97,9 +128,13 @@ def make_optimizer(name):
 def step_function(backend, name, variables, grads):
     """A no-argument callable running one step of contender `name` the way its
     mode runs it."""
+    return optimizer_step(backend, make_optimizer(name), split_name(name)[1], variables, grads)
+
+
+def optimizer_step(backend, optimizer, mode, variables, grads):
+    """A no-argument callable running one step of `optimizer` in `mode`."""
     import keras
 
-    optimizer, mode = make_optimizer(name), split_name(name)[1]
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -225,6 +260,60 @@ def measure_steps(backend, total, tensors, reps):
     return {name: statistics.median(times) for name, times in rows.items()}
 
 
+def measure_dtype_steps(backend, total, tensors, reps):
+    """Median seconds of the trainer's step per --dtypes contender (None where
+    the optimizer refuses the configuration), interleaved."""
+    import keras
+    import numpy as np
+
+    from keras_adamw import AdamW
+
+    rng = np.random.default_rng(0)
+    sizes = [total // tensors + (i < total % tensors) for i in range(tensors)]
+    runners, rows = {}, {}
+    for name, (dtype, make) in DTYPE_OPTIMIZERS.items():
+        values = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
+        variables = [keras.Variable(x, dtype=dtype) for x in values]
+        grads = [keras.ops.convert_to_tensor(x * 1e-3, dtype=dtype) for x in values]
+        try:
+            runners[name] = optimizer_step(backend, make(keras, AdamW), "", variables, grads)
+            runners[name]()  # compile, first touch
+        except ValueError as error:  # for example the host path's dtypes on this backend
+            print(f"{name}: {error}", file=sys.stderr)
+            runners.pop(name, None)
+            continue
+        rows[name] = []
+    for _ in range(reps):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            rows[name].append(time.perf_counter() - start)
+    return {
+        name: statistics.median(rows[name]) if name in rows else None for name in DTYPE_OPTIMIZERS
+    }
+
+
+def print_dtype_report(backend, rows):
+    print(f"\n== {backend}: x ours on the host path with float32 state")
+    print(
+        f"{'params':>7} {'vars':>4}  {'optimizer':<42} {'ms':>9} {'x host f32':>10} {'x keras':>8}"
+    )
+    for row in rows:
+        times = row["times"]
+        for name, seconds in times.items():
+            if seconds is None:
+                print(f"{row['size']:>7} {row['tensors']:>4}  {name:<42} {'refused':>9}")
+                continue
+            model = "bf16 model, " if name.startswith("bf16") else ""
+            keras_s = times[model + "keras.optimizers.AdamW"]
+            host_s = times["keras_adamw host"]
+            ratio = f"{host_s / seconds:10.2f}" if host_s else f"{'-':>10}"
+            print(
+                f"{row['size']:>7} {row['tensors']:>4}  {name:<42} {seconds * 1e3:9.2f} "
+                f"{ratio} {keras_s / seconds:8.2f}"
+            )
+
+
 def measure_fit(backend, steps, reps):
     """Median seconds of one `fit` epoch per contender, the epochs interleaved."""
     import keras
@@ -301,7 +390,8 @@ def run_backend(args):
         return
     if args.steps_of:
         size, tensors = args.steps_of.split("x")
-        times = measure_steps(backend, parse_size(size), int(tensors), args.reps)
+        measure = measure_dtype_steps if args.dtypes else measure_steps
+        times = measure(backend, parse_size(size), int(tensors), args.reps)
         print(json.dumps({"size": size, "tensors": int(tensors), "times": times}))
     else:
         print(
@@ -330,7 +420,7 @@ def measure_backend(backend, args):
         for size in args.sizes.split(",")
         for tensors in args.tensors.split(",")
     ]
-    return {"backend": backend, "steps": rows, "fit": child()}
+    return {"backend": backend, "steps": rows, "fit": None if args.dtypes else child()}
 
 
 def print_report(report):
@@ -469,6 +559,7 @@ def main():
     parser.add_argument("--plot", metavar="PNG", help="also draw the step tables as a PNG chart")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--steps-of", help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", action="store_true", help="16-bit models, compact state")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -484,8 +575,11 @@ def main():
         except RuntimeError as error:
             print(f"\n== {error}")
             continue
-        print_report(reports[-1])
-    if args.plot and reports:
+        if args.dtypes:
+            print_dtype_report(backend, reports[-1]["steps"])
+        else:
+            print_report(reports[-1])
+    if args.plot and reports and not args.dtypes:
         plot_reports(reports, args.plot)
 
 

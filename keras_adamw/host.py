@@ -57,8 +57,9 @@ SIMD_ENV_VAR: str = _core.SIMD_ENV_VAR
 THREADS_ENV_VAR: str = _core.THREADS_ENV_VAR
 
 
-def _host_view(x: Any, label: str) -> Any:
-    """A torch CPU tensor as a NumPy array over the same memory; others unchanged."""
+def numpy_view(x: Any, label: str = "a tensor") -> Any:
+    """A torch CPU tensor as a NumPy array over the same memory (bfloat16 as
+    ml_dtypes' type); others unchanged."""
     if type(x).__module__.startswith("torch"):
         import torch
 
@@ -82,7 +83,7 @@ def _as_list(x: Any, name: str) -> list[Any]:
         x = [x]
     if set(map(type, x)) <= {np.ndarray}:  # the common case, kept cheap for many tensors
         return list(x)
-    return [_host_view(a, f"{name}[{i}]") for i, a in enumerate(x)]
+    return [numpy_view(a, f"{name}[{i}]") for i, a in enumerate(x)]
 
 
 def adamw_update(

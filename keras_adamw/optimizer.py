@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_adamw import backends, host, sharding
+from keras_adamw import backends, host, rounding, sharding
 from keras_adamw._checks import flag as _flag
 from keras_adamw._checks import real as _real
 
@@ -23,6 +24,7 @@ Schedule = Any
 EPSILON_MODES = ("keras", "torch")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 IMPLEMENTATIONS = ("auto", "ops", "host")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -78,6 +80,21 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             each device holds and updates 1/N of the state, XLA gathers what
             the parameters need. A variable's model-axis sharding is kept;
             without a distribution, or with one device, nothing changes.
+        master_weights: for bfloat16 and float16 variables, keep float32
+            master copies (optimizer variables named ``master``) that the
+            update runs on; each step the variable receives its master rounded
+            to nearest. ``None`` (the default) and ``True``: masters for every
+            16-bit variable; ``False``: none. Float32 variables are their own
+            masters; float64 ones with ``True`` raise.
+        state_dtype: the dtype of m, v (and v̂): ``"float32"`` (float64
+            for float64 variables) or ``"bfloat16"`` (half the memory). The
+            update always computes in float32 (or float64) and rounds what it
+            stores.
+        stochastic_rounding: round stochastically (unbiased: steps below half
+            a 16-bit step add up in expectation) where a 16-bit value is
+            stored: variables without masters, and bfloat16 state. The random
+            bits come from a `keras.random.SeedGenerator` seeded as Keras
+            seeds (``keras.utils.set_random_seed``), saved with the optimizer.
         **kwargs: the base optimizer's options (``clipnorm``, ``clipvalue``,
             ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -88,7 +105,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     ``weight_decay`` (float weight decay only), then the base optimizer's
     (EMA averages, gradient accumulators) when enabled, then for each
     trainable variable its ``momentum`` and ``velocity`` (interleaved, as in
-    Keras's Adam), then each ``velocity_hat`` (AMSGrad only). With
+    Keras's Adam), then each ``velocity_hat`` (AMSGrad only), then each
+    ``master`` (16-bit variables with masters), then the stochastic rounding
+    generator's state (``stochastic_rounding`` only). With
     ``offload_state`` the slots are host arrays, saved in the same places, so
     a file loads the same with or without offloading; one saved by
     ``keras.optimizers.AdamW`` (the same order without ``weight_decay``)
@@ -113,6 +132,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         implementation: str = "auto",
         offload_state: bool = False,
         shard_state: bool = False,
+        master_weights: bool | None = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
         name: str = "adamw",
         **kwargs: Any,
     ) -> None:
@@ -140,6 +162,12 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         self.implementation = implementation
         self.offload_state = offload_state
         self.shard_state = _flag("shard_state", shard_state)
+        self.master_weights = (
+            None if master_weights is None else _flag("master_weights", master_weights)
+        )
+        _check_choice("state_dtype", state_dtype, STATE_DTYPES)
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = _flag("stochastic_rounding", stochastic_rounding)
         self._exclude_patterns = _compile_patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay or []
         )
@@ -223,6 +251,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def build(self, var_list: list[Any]) -> None:
         if self.built:
             return
+        self._check_dtypes(var_list)
         super().build(var_list)
         # Resolved here, where the variables still have their paths (TF's
         # update_step sees raw tf.Variables); update_step looks them up by index.
@@ -239,43 +268,118 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 [
                     None
                     if self._overwrite_variable_with_gradient(v)
-                    else np.full(v.shape, 0.0, np.float32)
+                    else np.full(v.shape, 0.0, host._dtype(self._state_dtype_of(v)))
                     for v in var_list
                 ]
                 for _ in range(slots)
             ]
         else:  # Keras's Adam order: momentum and velocity interleaved, then velocity_hat
-            self._adding_slots = True
-            try:
+            with self._adding_slots(self._state_dtype_of):
                 state = list(self.add_optimizer_variables(var_list, ["momentum", "velocity"]))
                 if self.amsgrad:
                     state.append(self.add_optimizer_variables(var_list, "velocity_hat"))
-            finally:
-                self._adding_slots = False
         self._momentums, self._velocities = state[0], state[1]
         if self.amsgrad:
             self._velocity_hats = state[2]
+        with self._adding_slots(lambda variable: "float32"):
+            self._masters = [
+                self._new_master(v) if self._keeps_master(v) else None for v in var_list
+            ]
+        # Whether any value is stored in a dtype other than its variable's.
+        self._mixed_dtypes = any(master is not None for master in self._masters) or any(
+            slot is not None and _dtype(slot) != _dtype(variable)
+            for slots in ([] if self.offload_state else self._slot_lists())
+            for slot, variable in zip(slots, var_list, strict=True)
+        )
+        self._seed_generator = None
+        if self.stochastic_rounding:
+            with keras.name_scope(self.name, caller=self):
+                self._seed_generator = keras.random.SeedGenerator(name="stochastic_rounding")
+            self._track_variable(self._seed_generator.state)
+
+    def _new_master(self, variable: Any) -> Any:
+        """A float32 copy of ``variable``: an optimizer variable, or a host
+        array when the state is offloaded."""
+        if self.offload_state:
+            return np.array(ops.convert_to_numpy(ops.cast(variable, "float32")))
+        master = self.add_variable_from_reference(variable, "master")
+        master.assign(ops.cast(variable, "float32"))
+        return master
+
+    def _keeps_master(self, variable: Any) -> bool:
+        return self.master_weights is not False and _dtype(variable) in rounding.SIXTEEN_BIT
+
+    def _state_dtype_of(self, variable: Any) -> str:
+        if self.state_dtype == "bfloat16":
+            return "bfloat16"
+        return "float64" if _dtype(variable) == "float64" else "float32"
+
+    def _check_dtypes(self, var_list: list[Any]) -> None:
+        """A clear error at build for what the dtype options cannot do."""
+        for variable in var_list:
+            dtype = _dtype(variable)
+            if dtype not in ("float32", "float64", *rounding.SIXTEEN_BIT):
+                raise ValueError(
+                    f"{_path(variable)} is {dtype}: AdamW updates bfloat16, float16, float32 "
+                    "and float64 variables"
+                )
+            if dtype == "float64" and self.master_weights:
+                raise ValueError(
+                    f"master_weights=True keeps float32 masters of 16-bit variables, but "
+                    f"{_path(variable)} is float64: its own float64 values are finer"
+                )
+            if dtype == "float64" and self.state_dtype != "float32":
+                raise ValueError(
+                    f"state_dtype={self.state_dtype!r} is for 16- and 32-bit variables, but "
+                    f"{_path(variable)} is float64"
+                )
+        rounded = [v for v in var_list if _dtype(v) in rounding.SIXTEEN_BIT]
+        if (
+            self.stochastic_rounding
+            and self.state_dtype == "float32"
+            and all(self._keeps_master(v) for v in rounded)
+        ):
+            raise ValueError(
+                "stochastic_rounding=True needs something to round: 16-bit variables with "
+                "master_weights=False, or state_dtype='bfloat16'"
+            )
+
+    @contextlib.contextmanager
+    def _adding_slots(self, dtype_of: Callable[[Any], str]) -> Iterator[None]:
+        """Within, `add_variable_from_reference` makes our slots, of ``dtype_of(variable)``."""
+        self._slot_dtype_of: Callable[[Any], str] | None = dtype_of
+        try:
+            yield
+        finally:
+            self._slot_dtype_of = None
 
     def add_variable_from_reference(
         self, reference_variable: Any, name: str | None = None, initializer: Any = "zeros"
     ) -> Any:
-        """As Keras's, but the slots of `shard_state` take the sharded layout."""
-        layout = None
-        if self.shard_state and getattr(self, "_adding_slots", False):
-            layout = sharding.state_layout(reference_variable)
-        if layout is None:
+        """As Keras's, but our slots take their dtype from ``state_dtype`` (or
+        float32, for masters) and the sharded layout of `shard_state`."""
+        dtype_of = getattr(self, "_slot_dtype_of", None)
+        if dtype_of is None:  # the base optimizer's own (EMA, gradient accumulators)
             return super().add_variable_from_reference(reference_variable, name, initializer)
+        layout = sharding.state_layout(reference_variable) if self.shard_state else None
         return self.add_variable(
             shape=reference_variable.shape,
             initializer=initializer,
-            dtype=reference_variable.dtype,
-            name=f"{reference_variable.path.replace('/', '_')}_{name}",
-            layout=layout,
+            dtype=dtype_of(reference_variable),
+            name=f"{_path(reference_variable).replace('/', '_').replace(':', '_')}_{name}",
+            layout=getattr(reference_variable, "_layout", None) if layout is None else layout,
         )
 
     def _resolve_implementation(self, var_list: list[Any]) -> bool:
         """Whether the update runs in the host kernel."""
         reason = _host_unsupported_reason(var_list, self.offload_state)
+        on_host = backends.current().host_dtypes(self.offload_state)
+        if self.state_dtype not in on_host:
+            reason = (
+                f"{' or '.join(on_host)} state on {keras.backend.backend()}"
+                f"{' when offloaded' if self.offload_state else ''} "
+                f"(state_dtype={self.state_dtype!r} runs on the ops path there)"
+            )
         if self.implementation == "ops":
             return False
         if self.implementation == "auto" and not self.offload_state:
@@ -306,49 +410,66 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         index = self._get_variable_index(variable)
         lr_factor, wd_factor = self._variable_factors[index]
-        dtype = variable.dtype
+        master = self._masters[index]
+        weights = variable if master is None else master
+        # 16-bit values compute in float32, rounded once where they are stored.
+        dtype = "float32" if _dtype(variable) in rounding.SIXTEEN_BIT else _dtype(variable)
         lr = ops.cast(learning_rate, dtype)
         if lr_factor != 1.0:
             lr = lr * lr_factor
         gradient = ops.cast(gradient, dtype)
         if self.maximize:
             gradient = ops.negative(gradient)
+        p = ops.cast(weights, dtype)
         if wd_factor != 0.0:
-            self._decay(variable, lr, ops.cast(learning_rate, dtype), wd_factor)
+            p = self._decayed(p, lr, ops.cast(learning_rate, dtype), wd_factor)
 
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        m = self._momentums[index]
-        v = self._velocities[index]
-        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        m = ops.cast(self._momentums[index], dtype)
+        v = ops.cast(self._velocities[index], dtype)
+        m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        self._store(self._momentums[index], m)
+        self._store(self._velocities[index], v)
         if self.amsgrad:
-            v_hat = self._velocity_hats[index]
-            self.assign(v_hat, ops.maximum(v_hat, v))
-            v = v_hat
+            v = ops.maximum(ops.cast(self._velocity_hats[index], dtype), v)
+            self._store(self._velocity_hats[index], v)
         if self.epsilon_mode == "keras":
             alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
             step = ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon))
         else:
             denominator = ops.sqrt(v) / ops.sqrt(1 - beta_2_power) + self.epsilon
             step = ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator)
-        self.assign_sub(variable, step)
+        p = ops.subtract(p, step)
+        self._store(weights, p)
+        if master is not None:
+            self.assign(variable, ops.cast(p, variable.dtype))  # to nearest
 
-    def _decay(self, variable: Any, lr: Any, schedule_lr: Any, wd_factor: float) -> None:
-        """Weight decay before the Adam step, rounded as the reference rounds it.
+    def _store(self, target: Any, value: Any) -> None:
+        """``value`` into a variable of its dtype, or of a 16-bit one: rounded
+        to nearest, or stochastically with ``stochastic_rounding``."""
+        dtype = _dtype(target)
+        if self.stochastic_rounding and dtype in rounding.SIXTEEN_BIT:
+            random = rounding.random_bits(ops.shape(value), self._seed_generator)
+            value = rounding.stochastic(value, dtype, random)
+        self.assign(target, ops.cast(value, dtype))
+
+    def _decayed(self, p: Any, lr: Any, schedule_lr: Any, wd_factor: float) -> Any:
+        """``p`` after weight decay, before the Adam step, rounded as the
+        reference rounds it.
 
         ``lr`` is this variable's learning rate (its multiplier applied),
         ``schedule_lr`` the optimizer's.
         """
-        wd = ops.cast(self.weight_decay, variable.dtype)
+        wd = ops.cast(self.weight_decay, _dtype(p))
         if wd_factor != 1.0:
             wd = wd * wd_factor
         scale = self._decay_scale(lr, schedule_lr)
         if self._multiplicative_decay:
-            self.assign(variable, variable * (1 - wd * scale))  # p·(1 − lr·wd)
-        else:
-            self.assign_sub(variable, variable * wd * scale)  # p − p·wd·lr
+            return p * (1 - wd * scale)  # p·(1 − lr·wd)
+        return p - p * wd * scale  # p − p·wd·lr
 
     def _decay_scale(self, lr: Any, schedule_lr: Any) -> Any:
         """What multiplies the weight decay in its rate, on either path: the
@@ -403,70 +524,146 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         grads: list[Any],
         slots: Sequence[Any],
         read_from: Sequence[Sequence[Any]] | None = None,
+        copies: Sequence[Any] | None = None,
     ) -> None:
         """The host kernel over aligned lists, one call per parameter group
-        (out of place from `read_from`'s lists when given)."""
+        (out of place from `read_from`'s lists when given). Where ``copies``
+        has an array, ``params`` holds that variable's float32 master and the
+        copy receives the new values rounded (a call of its own: the kernel
+        takes copies for all of a call's params or none)."""
         momenta, velocities, velocity_hats = slots
-        for (lr_factor, wd_factor), positions in self._groups(indices).items():
+        copies = copies or [None] * len(indices)
+        for (lr_factor, wd_factor), group in self._groups(indices).items():
             group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
-            host.adamw_update(
-                [params[k] for k in positions],
-                [grads[k] for k in positions],
-                [momenta[k] for k in positions],
-                [velocities[k] for k in positions],
-                amsgrad_max=None
-                if velocity_hats is None
-                else [velocity_hats[k] for k in positions],
-                step=step,
-                learning_rate=group_lr,
-                beta_1=self.beta_1,
-                beta_2=self.beta_2,
-                epsilon=self.epsilon,
-                weight_decay=decay,
-                read_from=None
-                if read_from is None
-                else [[xs[k] for k in positions] for xs in read_from],
-                **self._kernel_options(),
-            )
+            for copied in (False, True):
+                positions = [k for k in group if (copies[k] is not None) == copied]
+                if not positions:
+                    continue
+                host.adamw_update(
+                    [params[k] for k in positions],
+                    [grads[k] for k in positions],
+                    [momenta[k] for k in positions],
+                    [velocities[k] for k in positions],
+                    amsgrad_max=None
+                    if velocity_hats is None
+                    else [velocity_hats[k] for k in positions],
+                    step=step,
+                    learning_rate=group_lr,
+                    beta_1=self.beta_1,
+                    beta_2=self.beta_2,
+                    epsilon=self.epsilon,
+                    weight_decay=decay,
+                    read_from=None
+                    if read_from is None
+                    else [[xs[k] for k in positions] for xs in read_from],
+                    param_copies=[copies[k] for k in positions] if copied else None,
+                    **self._rounding([params[k].dtype for k in positions], copied),
+                    **self._kernel_options(),
+                )
+
+    def _rounding(self, dtypes: list[Any], copied: bool) -> dict[str, Any]:
+        """The kernel's rounding of a call on params of these dtypes, with
+        or without copies (``seed`` read from the generator, eagerly)."""
+        if not self._rounds_stochastically(dtypes, copied):
+            return {}
+        seed = np.asarray(ops.convert_to_numpy(self._rounding_seed()))
+        return {"rounding": "stochastic", "seed": int(seed.astype(np.int64)) % 2**64}
+
+    def _rounds_stochastically(self, dtypes: list[Any], copied: bool) -> bool:
+        """Whether a kernel call on params of these dtypes, with or without
+        copies, has a 16-bit value to store (params without copies, bfloat16
+        state) that ``stochastic_rounding`` asks to round stochastically."""
+        sixteen_bit = not copied and any(str(d) in rounding.SIXTEEN_BIT for d in dtypes)
+        return self.stochastic_rounding and (sixteen_bit or self.state_dtype == "bfloat16")
+
+    def _rounding_seed(self) -> Any:
+        """The kernel's seed: the generator's (the kernel keys each step's
+        bits by the step, so the generator does not advance), saved with the
+        optimizer, so a resumed run rounds alike."""
+        assert self._seed_generator is not None
+        return self._seed_generator.state[0]
 
     # -- the whole state: .keras files, get_weights and set_weights ------------------
 
     def _state(self) -> list[Any]:
         """The whole state in Keras's order, the order of a `.keras` file and of
-        `get_weights`/`set_weights`: the Keras variables, then any offloaded
+        `get_weights`/`set_weights`: the Keras variables, with any offloaded
         slots where Keras's Adam has its slot variables (each variable's
-        momentum and velocity, interleaved, then each velocity_hat). So a file
-        loads the same with or without offloading."""
-        state = list(self.variables)
+        momentum and velocity, interleaved, then each velocity_hat), then the
+        masters and the rounding generator's state. So a file loads the same
+        with or without offloading."""
+        masters, generator = self._optional_state()
+        optional = masters + generator
+        state = [x for x in self.variables if not any(x is y for y in optional)]
         if self.built and self.offload_state:
             pairs = zip(self._momentums, self._velocities, strict=True)
             state += [slot for pair in pairs for slot in pair if slot is not None]
             if self.amsgrad:
                 state += [slot for slot in self._velocity_hats if slot is not None]
-        return state
+        return state + optional
+
+    def _optional_state(self) -> tuple[list[Any], list[Any]]:
+        """(masters, the rounding generator's state): what a configuration
+        without master weights or stochastic rounding does not save."""
+        if not self.built:
+            return [], []
+        masters = [master for master in self._masters if master is not None]
+        generator = [] if self._seed_generator is None else [self._seed_generator.state]
+        return masters, generator
+
+    def _saved_layouts(self) -> Iterator[list[Any]]:
+        """`_state()` as each configuration would have saved it, ours first:
+        without our weight_decay variable (`keras.optimizers.AdamW`), with or
+        without masters and the generator's state. Entries are our targets,
+        or None for a saved value we do not keep."""
+        masters, generator = self._optional_state()
+        core = self._state()[: -len(masters + generator) or None]
+        sixteen_bit = sum(
+            _dtype(v) in rounding.SIXTEEN_BIT
+            for v, m in zip(self._trainable_variables, self._momentums, strict=True)
+            if m is not None
+        )
+        saved_masters = [masters or [None] * sixteen_bit, []]
+        saved_generator = [generator or [None], []]
+        cores = [core]
+        if isinstance(self._weight_decay, keras.Variable):
+            cores.append([x for x in core if x is not self._weight_decay])
+        for kept in cores:
+            for kept_masters in saved_masters:
+                for kept_generator in saved_generator:
+                    yield kept + kept_masters + kept_generator
 
     def _assign_state(self, values: list[Any], source: str) -> bool:
-        """Assigns `values`, in `_state()`'s order, after checking every shape;
-        values without our weight_decay variable (from `keras.optimizers.AdamW`)
-        keep ours. False, assigning nothing, when the count fits neither."""
-        state = self._state()
-        if len(values) == len(state) - 1 and isinstance(self._weight_decay, keras.Variable):
-            state = [x for x in state if x is not self._weight_decay]
-        if len(values) != len(state):
-            return False
+        """Assigns `values`, saved by any configuration `_saved_layouts` knows,
+        after checking every shape; converts what was saved in another dtype;
+        makes masters that were not saved from their variables. False,
+        assigning nothing, when no layout fits the count."""
         arrays = [np.asarray(value) for value in values]
-        for i, (target, array) in enumerate(zip(state, arrays, strict=True)):
-            if tuple(target.shape) != array.shape:
-                name = "an offloaded slot" if isinstance(target, np.ndarray) else target.path
-                raise ValueError(
-                    f"{source}[{i}] has shape {array.shape} where this optimizer's {name} has "
-                    f"shape {tuple(target.shape)}: it comes from another model or configuration"
-                )
-        for target, array in zip(state, arrays, strict=True):
+        layouts = [layout for layout in self._saved_layouts() if len(layout) == len(arrays)]
+        if not layouts:
+            return False
+        mismatch = None
+        for layout in layouts:
+            mismatch = _shape_mismatch(layout, arrays, source)
+            if mismatch is None:
+                break
+        if mismatch is not None:
+            raise ValueError(_shape_mismatch(layouts[0], arrays, source))
+        for target, array in zip(layout, arrays, strict=True):
+            if target is None:
+                continue
+            dtype = host._dtype(_dtype(target))
             if isinstance(target, np.ndarray):
-                np.copyto(target, array.astype(np.float32, copy=False))
+                np.copyto(target, array.astype(dtype, copy=False))
             else:
-                target.assign(array)
+                target.assign(array.astype(dtype, copy=False))
+        masters = self._optional_state()[0]
+        if masters and not any(x is masters[0] for x in layout):
+            for master, variable in zip(self._masters, self._trainable_variables, strict=True):
+                if isinstance(master, np.ndarray):
+                    np.copyto(master, ops.convert_to_numpy(ops.cast(variable, "float32")))
+                elif master is not None:
+                    master.assign(ops.cast(variable, "float32"))
         return True
 
     def get_weights(self) -> list[np.ndarray]:
@@ -530,6 +727,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 "implementation": self.implementation,
                 "offload_state": self.offload_state,
                 "shard_state": self.shard_state,
+                "master_weights": self.master_weights,
+                "state_dtype": self.state_dtype,
+                "stochastic_rounding": self.stochastic_rounding,
             }
         )
         return config
@@ -646,6 +846,18 @@ def _peak_learning_rate(learning_rate: Any) -> float | None:
 # -- the host path ------------------------------------------------------------------
 
 
+def _shape_mismatch(layout: list[Any], arrays: list[np.ndarray], source: str) -> str | None:
+    """Where `arrays` do not fit `layout`'s shapes, as an error message, or None."""
+    for i, (target, array) in enumerate(zip(layout, arrays, strict=True)):
+        if target is not None and tuple(target.shape) != array.shape:
+            name = "an offloaded slot" if isinstance(target, np.ndarray) else target.path
+            return (
+                f"{source}[{i}] has shape {array.shape} where this optimizer's {name} has "
+                f"shape {tuple(target.shape)}: it comes from another model or configuration"
+            )
+    return None
+
+
 def _host_unsupported_reason(var_list: list[Any], offload_state: bool) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
     backend = backends.current()
@@ -653,12 +865,21 @@ def _host_unsupported_reason(var_list: list[Any], offload_state: bool) -> str | 
         path = _path(variable)
         if not isinstance(variable, keras.Variable):
             return f"Keras variables ({path} is a {type(variable).__name__})"
-        if str(variable.dtype) != "float32":
-            return f"float32 variables ({path} is {variable.dtype})"
+        dtypes = backend.host_dtypes(offload_state)
+        if _dtype(variable) not in dtypes:
+            offloaded = " when offloaded" if offload_state else ""
+            return (
+                f"{' or '.join(dtypes)} variables on {keras.backend.backend()}{offloaded} "
+                f"({path} is {variable.dtype})"
+            )
         reason: str | None = backend.unsupported_reason(variable, offload_state)
         if reason is not None:
             return reason
     return None
+
+
+def _dtype(variable: Any) -> str:
+    return str(keras.backend.standardize_dtype(variable.dtype))
 
 
 def _path(variable: Any) -> str:

@@ -5,8 +5,13 @@ is aliased to its operand, so when the caller donates the parameters and state
 (``donate_argnums``; Keras's JAX trainer does) the update is in place with no
 copies; otherwise XLA copies the operands into fresh results first.
 
-    params, exp_avgs, exp_avg_sqs, _ = xla.adamw_update(
+    params, exp_avgs, exp_avg_sqs, _, _ = xla.adamw_update(
         step, learning_rate, weight_decay, params, grads, exp_avgs, exp_avg_sqs)
+
+Params and gradients may be float32, bfloat16 or float16, the state float32
+or bfloat16; with ``param_copies`` (16-bit arrays, such as a bfloat16 model's
+variables) the params are float32 masters and the copies receive their new
+values rounded to nearest, in the same pass.
 
 Offloaded state (`HostState`): m and v (and v̂) stay NumPy arrays that the
 step updates in place by reference, so only the parameters and gradients
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +39,17 @@ from keras_adamw.host import HostState
 __all__ = ["HostState", "adamw_update", "adamw_update_host_state", "register"]
 
 TARGET = "keras_adamw_adamw_update"
+_FLOATS = ("float32", "bfloat16", "float16")
+
+
+class Updated(NamedTuple):
+    """The new values of `adamw_update`'s written lists."""
+
+    params: list[Any]
+    exp_avgs: list[Any]
+    exp_avg_sqs: list[Any]
+    amsgrad_max: list[Any] | None
+    param_copies: list[Any] | None
 
 
 @functools.cache
@@ -62,22 +78,30 @@ def adamw_update(
     weight_decay_mode: str = "coupled",
     decay_form: str | None = None,
     maximize: bool = False,
-) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
+    param_copies: Sequence[Any] | None = None,
+    rounding: str = "nearest",
+    seed: Any = 0,
+) -> Updated:
     """One AdamW step of the host kernel as a JAX operation.
 
     ``step`` (1-based), ``learning_rate`` and ``weight_decay`` are scalars,
-    traced or not; the lists hold float32 arrays, the i-th of each list shaped
-    like ``params[i]``. The hyperparameters mean what they mean in
-    `keras_adamw.host.adamw_update`. Returns the new ``(params, exp_avgs,
-    exp_avg_sqs, amsgrad_max)`` (``amsgrad_max`` None without AMSGrad).
-    A bad argument raises ``ValueError`` at trace time when its shape or dtype
-    shows it, and when the step runs otherwise, before anything is written.
+    traced or not; the i-th array of each list is shaped like ``params[i]``.
+    The hyperparameters, ``rounding`` and ``seed`` (a scalar, traced or not)
+    mean what they mean in `keras_adamw.host.adamw_update`. Returns the new
+    values of the lists (`Updated`; ``amsgrad_max`` and ``param_copies``
+    None when not given). A bad argument raises ``ValueError`` at trace time
+    when its shape or dtype shows it, and when the step runs otherwise,
+    before anything is written.
     """
     written = [list(params), list(exp_avgs), list(exp_avg_sqs)]
-    if amsgrad_max is not None:
-        written.append(list(amsgrad_max))
-    names = ["params", "exp_avgs", "exp_avg_sqs", "amsgrad_max"]
-    _check_lists(dict(zip(names, written, strict=False)) | {"grads": list(grads)})
+    names = ["params", "exp_avgs", "exp_avg_sqs"]
+    for name, values in (("amsgrad_max", amsgrad_max), ("param_copies", param_copies)):
+        if values is not None:
+            written.append(list(values))
+            names.append(name)
+    _check_lists(dict(zip(names, written, strict=True)) | {"grads": list(grads)})
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     options = dict(
         beta_1=beta_1,
         beta_2=beta_2,
@@ -87,11 +111,20 @@ def adamw_update(
         decay_form=decay_form,
         maximize=bool(maximize),
         amsgrad=amsgrad_max is not None,
+        param_copies=param_copies is not None,
+        stochastic=rounding == "stochastic",
     )
-    new = _call(step, learning_rate, weight_decay, written, list(grads), options)
+    scalars = [step, learning_rate, weight_decay] + ([seed] if rounding == "stochastic" else [])
+    new = _call(scalars, written, list(grads), options)
     n = len(written[0])
-    lists = [list(new[k * n : (k + 1) * n]) for k in range(len(written))]
-    return lists[0], lists[1], lists[2], lists[3] if amsgrad_max is not None else None
+    lists = {name: list(new[k * n : (k + 1) * n]) for k, name in enumerate(names)}
+    return Updated(
+        lists["params"],
+        lists["exp_avgs"],
+        lists["exp_avg_sqs"],
+        lists.get("amsgrad_max"),
+        lists.get("param_copies"),
+    )
 
 
 def adamw_update_host_state(
@@ -130,26 +163,26 @@ def adamw_update_host_state(
         amsgrad=state.amsgrad,
         host_state=state.id,
     )
-    return list(_call(step, learning_rate, weight_decay, [params], grads, options))
+    return list(_call([step, learning_rate, weight_decay], [params], grads, options))
 
 
 def _call(
-    step: Any,
-    learning_rate: Any,
-    weight_decay: Any,
+    scalars: list[Any],
     written: list[list[Any]],
     grads: list[Any],
     options: dict[str, Any],
 ) -> Any:
-    """The custom call: operands the three scalars, params, grads, then the
-    other written lists; each result aliased to its operand."""
+    """The custom call: operands the scalars (step, learning rate, weight
+    decay, and the seed when rounding stochastically), params, grads, then
+    the other written lists; each result aliased to its operand."""
     import jax
     import jax.numpy as jnp
 
     n = len(written[0])
     operands = written[0] + grads + [x for state in written[1:] for x in state]
     results = [x for state in written for x in state]
-    aliases = {3 + (k if k < n else k + n): k for k in range(len(results))}
+    first = len(scalars)
+    aliases = {first + (k if k < n else k + n): k for k in range(len(results))}
     attributes = {
         name: np.float64(value) if name in ("beta_1", "beta_2", "epsilon") else value
         for name, value in options.items()
@@ -159,13 +192,14 @@ def _call(
         attributes["host_state"] = np.int64(attributes["host_state"])
     return jax.ffi.ffi_call(
         register(),
-        [jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32) for x in results],  # type: ignore[no-untyped-call]
+        [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in results],  # type: ignore[no-untyped-call]
         input_output_aliases=aliases,
         has_side_effect="host_state" in attributes,
     )(
-        jnp.asarray(step),
-        jnp.asarray(learning_rate, jnp.float32),
-        jnp.asarray(weight_decay, jnp.float32),
+        jnp.asarray(scalars[0]),
+        jnp.asarray(scalars[1], jnp.float32),
+        jnp.asarray(scalars[2], jnp.float32),
+        *map(jnp.asarray, scalars[3:]),
         *operands,
         **attributes,
     )
@@ -180,11 +214,15 @@ def _check_lists(lists: dict[str, Any]) -> None:
     for name, values in lists.items():
         if len(values) != len(params):
             raise ValueError(f"{name} has {len(values)} arrays where params has {len(params)}")
+        allowed = {
+            "params": _FLOATS,
+            "grads": _FLOATS,
+            "param_copies": ("bfloat16", "float16"),
+        }.get(name, ("float32", "bfloat16"))
         for i, (value, param) in enumerate(zip(values, params, strict=True)):
-            if jnp.result_type(value) != jnp.float32:
-                raise ValueError(
-                    f"{name}[{i}] must have dtype float32, got {jnp.result_type(value)}"
-                )
+            dtype = str(jnp.result_type(value))
+            if dtype not in allowed:
+                raise ValueError(f"{name}[{i}] must be {' or '.join(allowed)}, got {dtype}")
             if jnp.shape(value) != jnp.shape(param):
                 raise ValueError(
                     f"{name}[{i}] has shape {jnp.shape(value)} "

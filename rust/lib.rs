@@ -26,6 +26,7 @@ pub mod parallel;
 #[cfg(feature = "python")]
 mod python;
 pub mod simd;
+pub mod subnormals;
 #[cfg(unix)]
 pub mod tensorflow_op;
 pub mod xla_ffi;

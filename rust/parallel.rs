@@ -5,6 +5,7 @@
 use crate::dtype::stochastic::Rounding;
 use crate::math::{InvalidArgument, StepConstants};
 use crate::simd::{self, SimdLevel};
+use crate::subnormals::KeepSubnormals;
 use crate::{Sources, TensorSlices};
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuildError, ThreadPoolBuilder};
@@ -101,14 +102,18 @@ pub fn set_num_threads(threads: usize) -> Result<(), InvalidArgument> {
 ///
 /// Each element's result is independent of the thread count and of how the
 /// data is split into tensors: chunk edges only move where the scalar tail runs,
-/// and the tail computes exactly what the vector body does.
+/// and the tail computes exactly what the vector body does; and of the
+/// threads' floating-point mode (`KeepSubnormals`).
 pub fn adamw_step(
     tensors: Vec<TensorSlices<'_>>,
     c: &StepConstants,
     rounding: Rounding,
     level: SimdLevel,
 ) {
-    for_each_chunk(tensors, |t| simd::update(level, t, c, rounding));
+    for_each_chunk(tensors, |t| {
+        let _ieee = KeepSubnormals::enter();
+        simd::update(level, t, c, rounding)
+    });
 }
 
 /// The same step out of place (float32 only): each chunk of `sources` is copied into its
@@ -119,6 +124,7 @@ pub fn adamw_step_from(
     level: SimdLevel,
 ) {
     for_each_chunk(pairs, |(sources, mut t)| {
+        let _ieee = KeepSubnormals::enter();
         sources.copy_into(&mut t);
         simd::update(level, t, c, Rounding::Nearest)
     });

@@ -2,7 +2,7 @@
 //! the first element is written; the kernel then runs with the GIL released.
 
 use crate::aliasing::{find_overlap, Region};
-use crate::dtype::q8;
+use crate::dtype::{q8, raw_slice_mut};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
 use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
@@ -297,39 +297,12 @@ fn data(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
 
 /// `len` elements of `T` at `data`, or none.
 ///
-/// # Safety
-/// An aligned, C-contiguous array of `len` elements of `T` must live at `data` for `'a`.
-unsafe fn slice<'a, T>(data: *mut u8, len: usize) -> &'a [T] {
-    if len == 0 {
-        return &[];
-    }
-    // SAFETY: the caller's contract.
-    unsafe { std::slice::from_raw_parts(data.cast(), len) }
-}
-
-/// # Safety
-/// As for `slice`, and nothing else may use the elements during `'a`.
-unsafe fn slice_mut<'a, T>(data: *mut u8, len: usize) -> &'a mut [T] {
-    if len == 0 {
-        return &mut [];
-    }
-    // SAFETY: the caller's contract.
-    unsafe { std::slice::from_raw_parts_mut(data.cast(), len) }
-}
-
 impl HostArray<'_> {
     /// The elements, as the checked dtype says (C-contiguous and aligned, checked).
     fn elements(&self) -> ElementsRef<'_> {
         let (data, len) = (data(&self.array), self.array.len());
         // SAFETY: a live, checked array of `len` elements of its dtype, borrowed with `self`.
-        unsafe {
-            match self.dtype {
-                DType::F32 => ElementsRef::F32(slice(data, len)),
-                DType::Bf16 => ElementsRef::Bf16(slice(data, len)),
-                DType::F16 => ElementsRef::F16(slice(data, len)),
-                DType::Q8 => unreachable!("8-bit arrays are state, never read-only"),
-            }
-        }
+        unsafe { ElementsRef::from_raw(self.dtype, data, len) }
     }
 
     /// # Safety
@@ -338,17 +311,12 @@ impl HostArray<'_> {
         let (data, len) = (data(&self.array), self.array.len());
         // SAFETY: as in `elements`; exclusive by the caller's contract.
         unsafe {
-            match self.dtype {
-                DType::F32 => Elements::F32(slice_mut(data, len)),
-                DType::Bf16 => Elements::Bf16(slice_mut(data, len)),
-                DType::F16 => Elements::F16(slice_mut(data, len)),
-                DType::Q8 => {
-                    let scales = self.scales.as_ref().expect("8-bit state has scales");
-                    Elements::Q8 {
-                        codes: slice_mut(data, len),
-                        scales: slice_mut(self::data(scales), scales.len()),
-                    }
-                }
+            match (self.dtype, &self.scales) {
+                (DType::Q8, Some(scales)) => Elements::Q8 {
+                    codes: raw_slice_mut(data, len),
+                    scales: raw_slice_mut(self::data(scales), scales.len()),
+                },
+                _ => Elements::from_raw(self.dtype, data, len),
             }
         }
     }

@@ -4,11 +4,16 @@
 //! the update is in place, with no copies; otherwise XLA copies first.
 //!
 //! Operands: three scalars that change every step, `step`, `learning_rate` and
-//! `weight_decay`, then n float32 buffers each of `params`, `grads`,
-//! `exp_avgs`, `exp_avg_sqs` and, with AMSGrad, `amsgrad_max`. Results: the
-//! updated `params`, `exp_avgs`, `exp_avg_sqs` (and `amsgrad_max`), each aliased
-//! to its operand. Attributes: `beta_1`, `beta_2`, `epsilon`, `epsilon_mode`,
-//! `weight_decay_mode`, `maximize`, `amsgrad` and, optionally, `decay_form`.
+//! `weight_decay` (and a fourth, `seed`, with `stochastic`), then n buffers
+//! each of `params`, `grads` (float32, bfloat16 or float16), `exp_avgs`,
+//! `exp_avg_sqs` and, with AMSGrad, `amsgrad_max` (float32 or bfloat16).
+//! With `param_copies`, n 16-bit buffers follow, which are not read. Results:
+//! the updated `params`, `exp_avgs`, `exp_avg_sqs` (and `amsgrad_max`), each
+//! aliased to its operand, then the `param_copies`, which receive the float32
+//! params rounded to nearest (aliased to theirs, to be written in place).
+//! Attributes: `beta_1`, `beta_2`, `epsilon`, `epsilon_mode`,
+//! `weight_decay_mode`, `maximize`, `amsgrad` and, optionally, `decay_form`,
+//! `param_copies` and `stochastic` (16-bit stores rounded stochastically).
 //!
 //! The structs mirror `xla/ffi/api/c_api.h` (FFI API 0.1, a stable C ABI) as
 //! far as the handler reads them. Everything is checked before the first write;
@@ -17,6 +22,7 @@
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
 use crate::{host_state, in_flight, parallel, simd, Rounding, TensorSlices};
+use crate::{DType, Elements, ElementsRef};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::mem::{offset_of, size_of};
 
@@ -78,7 +84,10 @@ struct Buffer {
 const DTYPE_PRED: c_int = 1;
 const DTYPE_S32: c_int = 4;
 const DTYPE_S64: c_int = 5;
+const DTYPE_U32: c_int = 8;
+const DTYPE_F16: c_int = 10;
 const DTYPE_F32: c_int = 11;
+const DTYPE_BF16: c_int = 16;
 const DTYPE_F64: c_int = 12;
 
 /// An XLA dtype's name, for messages (`XLA_FFI_DataType` in c_api.h).
@@ -91,13 +100,13 @@ fn dtype_name(dtype: c_int) -> String {
         DTYPE_S64 => "int64",
         6 => "uint8",
         7 => "uint16",
-        8 => "uint32",
+        DTYPE_U32 => "uint32",
         9 => "uint64",
-        10 => "float16",
+        DTYPE_F16 => "float16",
         DTYPE_F32 => "float32",
         DTYPE_F64 => "float64",
         15 => "complex64",
-        16 => "bfloat16",
+        DTYPE_BF16 => "bfloat16",
         18 => "complex128",
         19 => "float8_e5m2",
         20 => "float8_e4m3fn",
@@ -262,11 +271,32 @@ fn invalid(argument: impl Into<String>, problem: impl Into<String>) -> InvalidAr
     InvalidArgument::new(argument, problem)
 }
 
-/// A float32 buffer of the call, by list name and index.
+/// A buffer of the call, by list name and index.
 struct Tensor {
-    data: *mut f32,
+    data: *mut u8,
+    dtype: DType,
     dims: Vec<i64>,
     len: usize,
+}
+
+impl Tensor {
+    fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+const FLOATS: &[DType] = &[DType::F32, DType::Bf16, DType::F16];
+const STATE: &[DType] = &[DType::F32, DType::Bf16];
+const HALVES: &[DType] = &[DType::Bf16, DType::F16];
+
+/// The kernel's element type of an XLA dtype.
+fn element_dtype(dtype: c_int) -> Option<DType> {
+    match dtype {
+        DTYPE_F32 => Some(DType::F32),
+        DTYPE_BF16 => Some(DType::Bf16),
+        DTYPE_F16 => Some(DType::F16),
+        _ => None,
+    }
 }
 
 /// # Safety
@@ -283,15 +313,27 @@ unsafe fn buffer(list: &BufferList, index: usize) -> Result<&Buffer, InvalidArgu
 
 /// # Safety
 /// As for `buffer`.
-unsafe fn tensor(list: &BufferList, index: usize, label: &str) -> Result<Tensor, InvalidArgument> {
+unsafe fn tensor(
+    list: &BufferList,
+    index: usize,
+    label: &str,
+    allowed: &[DType],
+) -> Result<Tensor, InvalidArgument> {
     // SAFETY: the caller's contract.
     let buffer = unsafe { buffer(list, index)? };
-    if buffer.dtype != DTYPE_F32 {
-        return Err(invalid(
-            label,
-            format!("must be float32, got {}", dtype_name(buffer.dtype)),
-        ));
-    }
+    let dtype = element_dtype(buffer.dtype)
+        .filter(|dtype| allowed.contains(dtype))
+        .ok_or_else(|| {
+            let names: Vec<_> = allowed.iter().map(|d| d.name()).collect();
+            invalid(
+                label,
+                format!(
+                    "must be {}, got {}",
+                    names.join(" or "),
+                    dtype_name(buffer.dtype)
+                ),
+            )
+        })?;
     let dims = if buffer.rank == 0 {
         Vec::new()
     } else {
@@ -304,11 +346,19 @@ unsafe fn tensor(list: &BufferList, index: usize, label: &str) -> Result<Tensor,
             usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
         })
         .ok_or_else(|| invalid(label, format!("has bad dimensions {dims:?}")))?;
-    let data = buffer.data.cast::<f32>();
-    if len > 0 && (data.is_null() || !data.is_aligned()) {
-        return Err(invalid(label, "is not an aligned float32 buffer"));
+    let data = buffer.data.cast::<u8>();
+    if len > 0 && (data.is_null() || !(data as usize).is_multiple_of(dtype.size())) {
+        return Err(invalid(
+            label,
+            format!("is not an aligned {} buffer", dtype.name()),
+        ));
     }
-    Ok(Tensor { data, dims, len })
+    Ok(Tensor {
+        data,
+        dtype,
+        dims,
+        len,
+    })
 }
 
 /// A scalar operand as f64, from any float or integer dtype.
@@ -343,6 +393,7 @@ unsafe fn read_scalar(dtype: c_int, value: *const c_void) -> Option<f64> {
             DTYPE_PRED => f64::from(value.cast::<u8>().read() != 0),
             DTYPE_S32 => f64::from(value.cast::<i32>().read_unaligned()),
             DTYPE_S64 => value.cast::<i64>().read_unaligned() as f64,
+            DTYPE_U32 => f64::from(value.cast::<u32>().read_unaligned()),
             DTYPE_F32 => f64::from(value.cast::<f32>().read_unaligned()),
             DTYPE_F64 => value.cast::<f64>().read_unaligned(),
             _ => return None,
@@ -464,7 +515,14 @@ unsafe fn hyperparams(
 }
 
 const WRITTEN_LISTS: [&str; 4] = ["params", "exp_avgs", "exp_avg_sqs", "amsgrad_max"];
-const SCALAR_OPERANDS: usize = 3;
+const COPIES: usize = 4; // the list index of param_copies, in messages
+
+fn flag(attrs: &[(String, Attr)], name: &str) -> Result<bool, InvalidArgument> {
+    match attrs.iter().any(|(n, _)| n == name) {
+        true => Ok(number(attrs, name)? != 0.0),
+        false => Ok(false),
+    }
+}
 
 /// # Safety
 /// `frame` must be valid.
@@ -488,6 +546,9 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
     } else {
         3
     };
+    let copies = flag(&attrs, "param_copies")?;
+    let stochastic = flag(&attrs, "stochastic")?;
+    let scalars = 3 + usize::from(stochastic);
     // With `host_state`, the state lists are registered host buffers, not operands.
     let host_state = match attrs.iter().any(|(name, _)| name == "host_state") {
         false => None,
@@ -519,44 +580,84 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         Some(_) => (2, 1),
         None => (lists + 1, lists),
     };
+    let (operand_lists, result_lists) = (
+        operand_lists + usize::from(copies),
+        result_lists + usize::from(copies),
+    );
     let n = results / result_lists;
-    if n == 0 || results != n * result_lists || operands != SCALAR_OPERANDS + n * operand_lists {
+    if n == 0 || results != n * result_lists || operands != scalars + n * operand_lists {
         return Err(invalid(
             "operands",
             format!(
-                "must be 3 scalars then n buffers each of params, grads{}, and the \
-                 results n buffers of each written list; got {operands} operands \
+                "must be {scalars} scalars then n buffers each of params, grads{}{}, and \
+                 the results n buffers of each written list; got {operands} operands \
                  and {results} results",
                 match (&host_state, lists) {
                     (Some(_), _) => "",
                     (None, 4) => ", exp_avgs, exp_avg_sqs, amsgrad_max",
                     (None, _) => ", exp_avgs, exp_avg_sqs",
-                }
+                },
+                if copies { ", param_copies" } else { "" }
             ),
         ));
     }
-    // SAFETY: the caller's contract (the three scalar operands were counted).
-    let constants = unsafe { hyperparams(frame, &attrs)? }.constants()?;
+    // SAFETY: the caller's contract (the scalar operands were counted).
+    let hyperparams = unsafe { hyperparams(frame, &attrs)? };
+    let rounding = match stochastic {
+        false => Rounding::Nearest,
+        true => {
+            // SAFETY: as above.
+            let seed = unsafe { scalar_operand(&frame.args, 3, "seed")? };
+            if !(seed >= 0.0 && seed.fract() == 0.0 && seed < u64::MAX as f64) {
+                return Err(invalid(
+                    "seed",
+                    format!("must be an integer >= 0, got {seed}"),
+                ));
+            }
+            Rounding::Stochastic {
+                seed: seed as u64,
+                step: hyperparams.step,
+            }
+        }
+    };
+    let constants = hyperparams.constants()?;
     let level = simd::active_level()?;
 
     // Operand lists in order: params, grads, then the written state lists.
-    let operand_index = |list: usize, i: usize| SCALAR_OPERANDS + list * n + i;
+    let operand_index = |list: usize, i: usize| scalars + list * n + i;
     let mut grads = Vec::with_capacity(n);
     let mut written: Vec<Vec<(Tensor, Tensor)>> =
         (0..lists).map(|_| Vec::with_capacity(n)).collect();
+    let mut param_copies = Vec::with_capacity(if copies { n } else { 0 });
     for i in 0..n {
         // SAFETY: indices are within the counted sizes.
-        let params = unsafe { tensor(&frame.args, operand_index(0, i), &format!("params[{i}]"))? };
-        let grad = unsafe { tensor(&frame.args, operand_index(1, i), &format!("grads[{i}]"))? };
-        if grad.dims != params.dims {
-            return Err(invalid(
-                format!("grads[{i}]"),
+        let (params, grad) = unsafe {
+            (
+                tensor(
+                    &frame.args,
+                    operand_index(0, i),
+                    &format!("params[{i}]"),
+                    FLOATS,
+                )?,
+                tensor(
+                    &frame.args,
+                    operand_index(1, i),
+                    &format!("grads[{i}]"),
+                    FLOATS,
+                )?,
+            )
+        };
+        let same_shape = |t: &Tensor, label: String| match t.dims == params.dims {
+            true => Ok(()),
+            false => Err(invalid(
+                label,
                 format!(
                     "has shape {:?} where params[{i}] has {:?}",
-                    grad.dims, params.dims
+                    t.dims, params.dims
                 ),
-            ));
-        }
+            )),
+        };
+        same_shape(&grad, format!("grads[{i}]"))?;
         for (list, name) in WRITTEN_LISTS[..lists].iter().enumerate() {
             let label = format!("{name}[{i}]");
             if let (Some(state), true) = (&host_state, list > 0) {
@@ -573,35 +674,45 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
                     ));
                 }
                 let held = || Tensor {
-                    data: address as *mut f32,
+                    data: address as *mut u8,
+                    dtype: DType::F32,
                     dims: params.dims.clone(),
                     len,
                 };
                 written[list].push((held(), held()));
                 continue;
             }
-            let operand = if list == 0 {
-                operand_index(0, i)
-            } else {
-                operand_index(list + 1, i)
+            let (operand, allowed) = match list {
+                0 => (operand_index(0, i), FLOATS),
+                _ => (operand_index(list + 1, i), STATE),
             };
             // SAFETY: indices are within the counted sizes.
             let (input, result) = unsafe {
                 (
-                    tensor(&frame.args, operand, &label)?,
-                    tensor(&frame.rets, list * n + i, &label)?,
+                    tensor(&frame.args, operand, &label, allowed)?,
+                    tensor(&frame.rets, list * n + i, &label, allowed)?,
                 )
             };
-            if input.dims != params.dims || result.dims != params.dims {
+            same_shape(&input, label.clone())?;
+            same_shape(&result, label.clone())?;
+            if input.dtype != result.dtype {
                 return Err(invalid(
                     label,
                     format!(
-                        "has shape {:?} where params[{i}] has {:?}",
-                        input.dims, params.dims
+                        "is {} but its result is {}",
+                        input.dtype.name(),
+                        result.dtype.name()
                     ),
                 ));
             }
             written[list].push((input, result));
+        }
+        if copies {
+            let label = format!("param_copies[{i}]");
+            // SAFETY: indices are within the counted sizes.
+            let copy = unsafe { tensor(&frame.rets, (result_lists - 1) * n + i, &label, HALVES)? };
+            same_shape(&copy, label)?;
+            param_copies.push(copy);
         }
         grads.push(grad);
     }
@@ -609,7 +720,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
     // Results are written; grads and any input XLA did not alias are read.
     let region = |t: &Tensor, written: bool, label: (usize, usize)| Region {
         start: t.data as usize,
-        len_bytes: t.len * size_of::<f32>(),
+        len_bytes: t.bytes(),
         written,
         label,
     };
@@ -626,63 +737,60 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
             }
         }
     }
+    regions.extend(
+        param_copies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| region(c, true, (COPIES, i))),
+    );
     if let Some((a, b)) = find_overlap(&regions) {
-        let name = |(list, i): (usize, usize)| {
-            if list == usize::MAX {
-                format!("grads[{i}]")
-            } else {
-                format!("{}[{i}]", WRITTEN_LISTS[list])
-            }
+        let name = |(list, i): (usize, usize)| match list {
+            usize::MAX => format!("grads[{i}]"),
+            COPIES => format!("param_copies[{i}]"),
+            _ => format!("{}[{i}]", WRITTEN_LISTS[list]),
         };
         return Err(invalid(name(b), format!("shares memory with {}", name(a))));
     }
 
     let _claim = in_flight::claim(&regions);
-    // Checked: every result is a distinct float32 buffer of its params' length.
+    // Checked: every result is a distinct buffer of its params' length and its input's dtype.
     let mut columns = written.into_iter().map(|pairs| {
         pairs.into_iter().map(|(input, result)| {
             if input.data != result.data && result.len > 0 {
-                // SAFETY: both buffers hold `len` floats and do not overlap (checked).
-                unsafe { std::ptr::copy_nonoverlapping(input.data, result.data, result.len) };
+                // SAFETY: both buffers hold `bytes()` bytes and do not overlap (checked).
+                unsafe { std::ptr::copy_nonoverlapping(input.data, result.data, result.bytes()) };
             }
             // SAFETY: XLA's buffer for the call; no other buffer overlaps it (checked).
-            unsafe { slice_mut(&result) }
+            unsafe { Elements::from_raw(result.dtype, result.data, result.len) }
         })
     });
     let params = columns.next().expect("params");
     let exp_avgs = columns.next().expect("exp_avgs");
     let exp_avg_sqs = columns.next().expect("exp_avg_sqs");
     let mut amsgrad_max = columns.next();
+    let mut param_copies = param_copies.iter().map(|c| {
+        // SAFETY: XLA's buffer for the call; no other buffer overlaps it (checked).
+        unsafe { Elements::from_raw(c.dtype, c.data, c.len) }
+    });
     let tensors = params
         // SAFETY: XLA's buffers for the call; none overlaps a result (checked).
-        .zip(grads.iter().map(|g| unsafe { slice(g) }))
+        .zip(
+            grads
+                .iter()
+                .map(|g| unsafe { ElementsRef::from_raw(g.dtype, g.data, g.len) }),
+        )
         .zip(exp_avgs)
         .zip(exp_avg_sqs)
-        .map(|(((p, g), m), v)| {
+        .enumerate()
+        .map(|(i, (((p, g), m), v))| {
             let max_v = amsgrad_max.as_mut().and_then(Iterator::next);
-            TensorSlices::new(p, g, m, v, max_v)
+            let t = TensorSlices::of_elements(p, g, m, v, max_v)?.at_tensor(i);
+            match param_copies.next() {
+                Some(copy) => t.with_param_copy(copy),
+                None => Ok(t),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    parallel::adamw_step(tensors, &constants, Rounding::Nearest, level);
+    parallel::adamw_step(tensors, &constants, rounding, level);
     Ok(())
-}
-
-/// # Safety
-/// `t` must be a checked buffer that outlives `'a` and that nothing writes meanwhile.
-unsafe fn slice<'a>(t: &Tensor) -> &'a [f32] {
-    if t.len == 0 {
-        return &[];
-    }
-    // SAFETY: an aligned float32 buffer of `len` elements, by the caller's contract.
-    unsafe { std::slice::from_raw_parts(t.data, t.len) }
-}
-
-/// # Safety
-/// As for `slice`, and no other slice may overlap it.
-unsafe fn slice_mut<'a>(t: &Tensor) -> &'a mut [f32] {
-    if t.len == 0 {
-        return &mut [];
-    }
-    // SAFETY: as in `slice`, exclusive by the caller's contract.
-    unsafe { std::slice::from_raw_parts_mut(t.data, t.len) }
 }

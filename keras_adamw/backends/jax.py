@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
 
 
+def host_dtypes(offload_state: bool) -> tuple[str, ...]:
+    """The variable and state dtypes the host path takes: 16-bit ones in the
+    custom call, float32 only for offloaded state (`xla.HostState`)."""
+    return ("float32",) if offload_state else ("float32", "bfloat16", "float16")
+
+
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     platforms = [device.platform for device in value.devices()]
@@ -115,31 +121,58 @@ class HostPath:
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
     ) -> None:
         """The kernel as an XLA custom call on the variables' buffers (in place:
-        Keras's JAX trainer donates the parameters and state)."""
+        Keras's JAX trainer donates the parameters and state). A variable with
+        a master has the call update the master and write the variable as its
+        rounded copy (a call of its own: copies go with all of a call's params
+        or none)."""
         optimizer = self.optimizer
         step = ops.convert_to_tensor(optimizer.iterations + 1)
         lr = ops.cast(learning_rate, "float32")
         wd = ops.cast(optimizer.weight_decay, "float32")
-        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+        masters = [optimizer._masters[i] for i in indices]
+        for (lr_factor, wd_factor), group in optimizer._groups(indices).items():
             group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
-            written = [[variables[k] for k in positions]]
-            written += [[slot[indices[k]] for k in positions] for slot in optimizer._slot_lists()]
-            params, *state = [[v.value for v in group] for group in written]
-            new_values = xla.adamw_update(
-                step,
-                group_lr,
-                decay,
-                params,
-                [ops.cast(grads[k], "float32") for k in positions],
-                *state,
-                beta_1=optimizer.beta_1,
-                beta_2=optimizer.beta_2,
-                epsilon=optimizer.epsilon,
-                **optimizer._kernel_options(),
-            )
-            for group, values in zip(written, filter(None, new_values), strict=True):
-                for variable, value in zip(group, values, strict=True):
-                    variable.assign(value)
+            for copied in (False, True):
+                positions = [k for k in group if (masters[k] is not None) == copied]
+                if not positions:
+                    continue
+                slots = [[slot[indices[k]] for k in positions] for slot in optimizer._slot_lists()]
+                written: dict[str, list[Any] | None] = {
+                    # With copies the call updates the masters and writes the variables.
+                    "params": [(masters[k] if copied else variables[k]) for k in positions],
+                    "exp_avgs": slots[0],
+                    "exp_avg_sqs": slots[1],
+                    "amsgrad_max": slots[2] if optimizer.amsgrad else None,
+                    "param_copies": [variables[k] for k in positions] if copied else None,
+                }
+                values = {
+                    name: None if targets is None else [v.value for v in targets]
+                    for name, targets in written.items()
+                }
+                params = values["params"] or []
+                stochastic = optimizer._rounds_stochastically([p.dtype for p in params], copied)
+                new = xla.adamw_update(
+                    step,
+                    group_lr,
+                    decay,
+                    params,
+                    [grads[k] for k in positions],
+                    values["exp_avgs"] or [],
+                    values["exp_avg_sqs"] or [],
+                    values["amsgrad_max"],
+                    beta_1=optimizer.beta_1,
+                    beta_2=optimizer.beta_2,
+                    epsilon=optimizer.epsilon,
+                    param_copies=values["param_copies"],
+                    rounding="stochastic" if stochastic else "nearest",
+                    seed=optimizer._rounding_seed() if stochastic else 0,
+                    **optimizer._kernel_options(),
+                )
+                for name, targets in written.items():
+                    for variable, value in zip(
+                        targets or [], getattr(new, name) or [], strict=True
+                    ):
+                        variable.assign(value)
 
     def offloaded_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]

@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
 
 
+def host_dtypes(offload_state: bool) -> tuple[str, ...]:
+    """The variable and state dtypes the host path takes (its ops are float32)."""
+    return ("float32",)
+
+
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     import tensorflow as tf

@@ -9,8 +9,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from keras import ops
 
+from keras_adamw import host
+
 if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
+
+
+def host_dtypes(offload_state: bool) -> tuple[str, ...]:
+    """The variable and state dtypes the host path takes."""
+    return ("float32", "bfloat16", "float16")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -31,7 +38,7 @@ def dense(gradient: Any) -> Any:
 
 def numpy_view(tensor: Any) -> np.ndarray:
     """A CPU tensor's memory as a NumPy array (the kernel's cheapest argument)."""
-    view: np.ndarray = tensor.detach().numpy()
+    view: np.ndarray = host.numpy_view(tensor)
     return view
 
 
@@ -58,7 +65,8 @@ class HostPath:
         """Where the host kernel does not run: the update as `torch._foreach_*`
         ops, one call of each per parameter group, as Keras's torch AdamW does
         (keras/src/backend/torch/optimizers/torch_adam.py); False, having done
-        nothing, for variables of mixed devices or dtypes (the per-variable
+        nothing, for variables of mixed devices or dtypes, or state or masters
+        of another dtype than their variables (the per-variable
         keras.ops update then runs). torch's fused AdamW kernel would be
         faster still, but rounds apart from Keras by up to 3e-6 over 100 steps
         of `fit`."""
@@ -66,7 +74,7 @@ class HostPath:
 
         optimizer = self.optimizer
         params = [variable.value for variable in variables]
-        if len({(param.device, param.dtype) for param in params}) != 1:
+        if optimizer._mixed_dtypes or len({(p.device, p.dtype) for p in params}) != 1:
             return False
         dtype = params[0].dtype
         lr = ops.cast(learning_rate, dtype)
@@ -114,17 +122,21 @@ class HostPath:
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
     ) -> None:
         """In place on CPU variables. With offloaded state, variables on an
-        accelerator are staged: parameters and gradients are copied into host
-        buffers, updated there, and the parameters copied back."""
+        accelerator are staged: gradients are copied into host buffers, and
+        the new parameters copied back (after being copied in too, where the
+        update runs on the parameters themselves rather than their masters).
+        Variables with masters have the kernel write their rounded copies."""
         import torch
 
         optimizer = self.optimizer
+        masters = [optimizer._masters[i] for i in indices]
         params = [variable.value for variable in variables]
         grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
         staged = [k for k, param in enumerate(params) if on_accelerator(param)]
         device_params = {k: params[k] for k in staged}
         for k in staged:
-            params[k] = self.staging.copy_in(("param", indices[k]), params[k])
+            keep = masters[k] is not None  # the kernel only writes the copy: nothing to copy in
+            params[k] = self.staging.copy_in(("param", indices[k]), params[k], write_only=keep)
             grads[k] = self.staging.copy_in(("grad", indices[k]), grads[k])
         slots = [
             None if slot_list is None else [host_memory(slot) for slot in slot_list]
@@ -135,9 +147,16 @@ class HostPath:
             float(ops.convert_to_numpy(learning_rate)),
             float(ops.convert_to_numpy(optimizer.weight_decay)),
             indices,
-            [numpy_view(param) for param in params],
+            [
+                numpy_view(param) if master is None else host_memory(master)
+                for param, master in zip(params, masters, strict=True)
+            ],
             [numpy_view(grad) for grad in grads],
             slots,
+            copies=[
+                None if master is None else numpy_view(param)
+                for param, master in zip(params, masters, strict=True)
+            ],
         )
         with torch.no_grad():
             for k, device_param in device_params.items():
@@ -150,13 +169,16 @@ class StagingBuffers:
     def __init__(self) -> None:
         self.buffers: dict[Any, Any] = {}
 
-    def copy_in(self, key: Any, tensor: Any) -> Any:
+    def copy_in(self, key: Any, tensor: Any, write_only: bool = False) -> Any:
+        """A host buffer shaped and typed as ``tensor``, holding its values
+        (unless ``write_only``: then only the buffer)."""
         import torch
 
         buffer = self.buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape:
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             pinned = torch.cuda.is_available()
-            buffer = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=pinned)
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
             self.buffers[key] = buffer
-        buffer.copy_(tensor)
+        if not write_only:
+            buffer.copy_(tensor)
         return buffer

@@ -135,6 +135,24 @@ pub enum ElementsRef<'a> {
 }
 
 impl<'a> Elements<'a> {
+    /// The `len` elements of `dtype` at `data`, which may dangle when `len` is 0.
+    ///
+    /// # Safety
+    /// `len` aligned elements of `dtype` must live at `data` for `'a`, and
+    /// nothing else may use them meanwhile. Not for 8-bit state (its scales
+    /// live apart).
+    pub unsafe fn from_raw(dtype: DType, data: *mut u8, len: usize) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match dtype {
+                DType::F32 => Self::F32(raw_slice_mut(data, len)),
+                DType::Bf16 => Self::Bf16(raw_slice_mut(data, len)),
+                DType::F16 => Self::F16(raw_slice_mut(data, len)),
+                DType::Q8 => unreachable!("8-bit state is made from its codes and scales"),
+            }
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             Self::F32(_) => DType::F32,
@@ -203,6 +221,23 @@ impl<'a> Elements<'a> {
 }
 
 impl<'a> ElementsRef<'a> {
+    /// As `Elements::from_raw`, shared.
+    ///
+    /// # Safety
+    /// `len` aligned elements of `dtype` must live at `data` for `'a`, and
+    /// nothing may write them meanwhile. Not for 8-bit state.
+    pub unsafe fn from_raw(dtype: DType, data: *const u8, len: usize) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match dtype {
+                DType::F32 => Self::F32(raw_slice(data, len)),
+                DType::Bf16 => Self::Bf16(raw_slice(data, len)),
+                DType::F16 => Self::F16(raw_slice(data, len)),
+                DType::Q8 => unreachable!("8-bit state is never read-only"),
+            }
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             Self::F32(_) => DType::F32,
@@ -246,6 +281,27 @@ impl<'a> ElementsRef<'a> {
             _ => None,
         }
     }
+}
+
+/// # Safety
+/// `len` aligned elements of `T` must live at `data` for `'a` (which may
+/// dangle when `len` is 0), and nothing may write them meanwhile.
+pub unsafe fn raw_slice<'a, T>(data: *const u8, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(data.cast(), len) }
+}
+
+/// # Safety
+/// As for `raw_slice`, and nothing else may use the elements during `'a`.
+pub unsafe fn raw_slice_mut<'a, T>(data: *mut u8, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(data.cast(), len) }
 }
 
 /// Keeps a NaN (quieted, so that narrowing cannot turn it into an infinity)

@@ -63,7 +63,7 @@ def test_matches_the_host_kernel_bitwise_over_steps(options):
     run = jitted(donate=True)
     for step in range(1, 6):
         lr, wd = np.float32(1e-2 / step), np.float32(0.05)
-        params, m, v, v_max = run(
+        params, m, v, v_max, _ = run(
             step,
             lr,
             wd,
@@ -81,6 +81,86 @@ def test_matches_the_host_kernel_bitwise_over_steps(options):
     for name, values in state.items():
         for i, value in enumerate(values or []):
             np.testing.assert_array_equal(np.asarray(value), expected[name][i], err_msg=name)
+
+
+SIXTEEN_BIT = {
+    "bf16 params": ("bfloat16", "float32", None, "nearest"),
+    "f16 params, bf16 state, stochastic": ("float16", "bfloat16", None, "stochastic"),
+    "masters, bf16 copies and state": ("float32", "bfloat16", "bfloat16", "nearest"),
+    "masters, f16 copies, bf16 state, stochastic": (
+        "float32",
+        "bfloat16",
+        "float16",
+        "stochastic",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("params_dtype", "state_dtype", "copy_dtype", "rounding"),
+    SIXTEEN_BIT.values(),
+    ids=SIXTEEN_BIT.keys(),
+)
+def test_sixteen_bit_data_matches_the_host_kernel_bitwise(
+    params_dtype, state_dtype, copy_dtype, rounding
+):
+    """The custom call takes what the host kernel takes (but 8-bit state):
+    16-bit params and grads, bfloat16 state, copies of float32 masters."""
+    import ml_dtypes
+
+    def dtype(name):
+        return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+    a = arrays(6)
+    expected = dict(
+        params=[x.astype(dtype(params_dtype)) for x in a["params"]],
+        grads=[x.astype(ml_dtypes.bfloat16) for x in a["grads"]],
+        exp_avgs=[x.astype(dtype(state_dtype)) for x in a["exp_avgs"]],
+        exp_avg_sqs=[x.astype(dtype(state_dtype)) for x in a["exp_avg_sqs"]],
+    )
+    copies = None if copy_dtype is None else [x.astype(dtype(copy_dtype)) for x in a["params"]]
+    state = {k: [jnp.asarray(x) for x in v] for k, v in expected.items()}
+    state["param_copies"] = None if copies is None else [jnp.asarray(x) for x in copies]
+
+    def step(t, params, grads, m, v, param_copies):
+        return xla.adamw_update(
+            t,
+            1e-2,
+            0.05,
+            params,
+            grads,
+            m,
+            v,
+            param_copies=param_copies,
+            rounding=rounding,
+            seed=jnp.uint32(7),
+        )
+
+    run = jax.jit(step, donate_argnums=(1, 3, 4, 5))
+    args = [state[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "param_copies")]
+    compiled = run.lower(1, *args).compile().as_text()
+    assert [line for line in compiled.splitlines() if " copy(" in line and "[0," not in line] == []
+    for t in range(1, 4):
+        new = run(t, *args)
+        args = [new.params, args[1], new.exp_avgs, new.exp_avg_sqs, new.param_copies]
+        host.adamw_update(
+            **expected,
+            step=t,
+            learning_rate=float(np.float32(1e-2)),
+            weight_decay=float(np.float32(0.05)),
+            param_copies=copies,
+            rounding=rounding,
+            seed=7,
+        )
+    for got, want in zip(
+        args[0] + (args[4] or []), expected["params"] + (copies or []), strict=True
+    ):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), want)
+    for got, want in zip(
+        args[2] + args[3], expected["exp_avgs"] + expected["exp_avg_sqs"], strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("donate", [True, False])
@@ -134,7 +214,7 @@ def call(options=None, step=1, lr=1e-3, wd=0.0, **replace):
         (dict(exp_avgs=[jnp.zeros(1)]), "exp_avgs has 1 arrays where params has 5"),
         (
             dict(exp_avg_sqs=[jnp.zeros(s, jnp.int32) for s in SHAPES]),
-            r"exp_avg_sqs\[0\] must have dtype float32, got int32",
+            r"exp_avg_sqs\[0\] must be float32 or bfloat16, got int32",
         ),
         (dict(params=[]), "params is empty"),
     ],
@@ -174,15 +254,17 @@ def test_bad_hyperparameters_raise_when_the_step_runs(kwargs, message):
 
 def test_a_buffer_of_another_dtype_is_named_in_the_error():
     """Past the Python wrapper's checks, the handler names XLA dtypes as JAX does."""
-    bf16 = jnp.zeros(3, jnp.bfloat16)
-    call = jax.ffi.ffi_call(xla.register(), [jax.ShapeDtypeStruct((3,), jnp.bfloat16)] * 3)
-    with pytest.raises(Exception, match=r"params\[0\] must be float32, got bfloat16"):
+    ints = jnp.zeros(3, jnp.int16)
+    call = jax.ffi.ffi_call(xla.register(), [jax.ShapeDtypeStruct((3,), jnp.int16)] * 3)
+    with pytest.raises(
+        Exception, match=r"params\[0\] must be float32 or bfloat16 or float16, got int16"
+    ):
         jax.block_until_ready(
             call(
                 jnp.asarray(1),
                 jnp.float32(1e-3),
                 jnp.float32(0.0),
-                *[bf16] * 4,
+                *[ints] * 4,
                 beta_1=np.float64(0.9),
                 beta_2=np.float64(0.999),
                 epsilon=np.float64(1e-7),
