@@ -14,6 +14,8 @@ the same schedule (warmup, cosine decay) and weight decay:
 - float32 model, keras.optimizers.AdamW: the reference;
 - float32 model, ours: the same optimizer, our arithmetic (the host kernel
   where "auto" picks it): how far two float32 runs drift apart;
+- mixed_bfloat16 model, keras.optimizers.AdamW: Keras's mixed precision,
+  float32 variables and bf16 compute (what Keras users pick today);
 - bf16 model, keras.optimizers.AdamW: bf16 m and v, bf16 arithmetic, each
   step added to the bf16 weight;
 - bf16 model, ours: float32 master weights (the default), float32 state;
@@ -23,8 +25,8 @@ the same schedule (warmup, cosine decay) and weight decay:
 - float32 model, ours + bf16 state.
 
 The final loss is the mean training loss over the last tenth of the steps;
-the optimizer's bytes per parameter are counted from its variables (the
-iteration and other scalars left out).
+the bytes per parameter are counted from the model's and the optimizer's
+variables (the iteration and other scalars left out).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ from keras_adamw import AdamW
 CONFIGS = {
     "float32 model, keras AdamW": ("float32", lambda kw: keras.optimizers.AdamW(**kw)),
     "float32 model, ours": ("float32", lambda kw: AdamW(**kw)),
+    "mixed_bfloat16 model, keras AdamW": (
+        "mixed_bfloat16",
+        lambda kw: keras.optimizers.AdamW(**kw),
+    ),
     "bf16 model, keras AdamW": ("bfloat16", lambda kw: keras.optimizers.AdamW(**kw)),
     "bf16 model, ours (masters)": ("bfloat16", lambda kw: AdamW(**kw)),
     "bf16 model, ours + bf16 state": ("bfloat16", lambda kw: AdamW(state_dtype="bfloat16", **kw)),
@@ -71,12 +77,10 @@ def make_model(dtype: str) -> keras.Model:
     return keras.Model(inputs, logits)
 
 
-def optimizer_bytes_per_parameter(
-    optimizer: keras.optimizers.Optimizer, model: keras.Model
-) -> float:
+def bytes_per_parameter(variables: list, model: keras.Model) -> float:
     parameters = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     stored = 0
-    for variable in optimizer.variables:
+    for variable in variables:
         if len(variable.shape) == 0 or "seed" in variable.path:
             continue
         dtype = str(variable.dtype)
@@ -111,7 +115,11 @@ def train(name: str, data: tuple[np.ndarray, np.ndarray], args: argparse.Namespa
             verbose=0,
         )
         losses.append(history.history["loss"][0])
-    return losses, optimizer_bytes_per_parameter(optimizer, model)
+    memory = (
+        bytes_per_parameter(model.trainable_variables, model),
+        bytes_per_parameter(optimizer.variables, model),
+    )
+    return losses, memory
 
 
 def main() -> None:
@@ -136,13 +144,14 @@ def main() -> None:
         print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
     tail = max(1, len(next(iter(curves.values()))) // 10)
     reference = np.mean(curves[next(iter(curves))][-tail:])
-    print(f"\n| {backend} | final loss | vs the first | optimizer bytes/param |")
+    print(f"\n| {backend} | final loss | vs the first | bytes/param: model + optimizer |")
     print("|---|---|---|---|")
     for name, losses in curves.items():
         final = np.mean(losses[-tail:])
+        model_bytes, optimizer_bytes = memory[name]
         print(
             f"| {name} | {final:.4f} | {100 * (final / reference - 1):+.2f} % | "
-            f"{memory[name]:.0f} |"
+            f"{model_bytes:.0f} + {optimizer_bytes:.0f} |"
         )
     if args.plot:
         import matplotlib

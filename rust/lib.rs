@@ -242,38 +242,34 @@ impl<'a> TensorSlices<'a> {
 /// The current values an out-of-place step reads: the written slices of the
 /// `TensorSlices` it goes with start as copies of these, made chunk by chunk
 /// in the same pass (so the copy costs no extra trip through memory). A state
-/// list without a source (None) is updated in place.
+/// list without a source (None) is updated in place. Each source has its
+/// slice's dtype (8-bit state has no out-of-place step).
 #[derive(Debug)]
 pub struct Sources<'a> {
-    pub params: &'a [f32],
-    pub exp_avg: Option<&'a [f32]>,
-    pub exp_avg_sq: Option<&'a [f32]>,
-    pub max_exp_avg_sq: Option<&'a [f32]>,
+    pub params: ElementsRef<'a>,
+    pub exp_avg: Option<ElementsRef<'a>>,
+    pub exp_avg_sq: Option<ElementsRef<'a>>,
+    pub max_exp_avg_sq: Option<ElementsRef<'a>>,
 }
 
 impl<'a> Sources<'a> {
-    /// Copies the sources into the slices they stand for (float32 ones: the
-    /// out-of-place step is float32 only, which its callers check).
+    /// Copies the sources into the slices they stand for.
     pub fn copy_into(&self, t: &mut TensorSlices<'_>) {
-        let copy = |to: Option<&mut [f32]>, from: &[f32]| {
-            to.expect("an out-of-place step is float32")
-                .copy_from_slice(from)
-        };
-        copy(t.params.as_f32(), self.params);
-        if let Some(from) = self.exp_avg {
-            copy(t.exp_avg.as_f32(), from);
+        t.params.copy_from(&self.params);
+        if let Some(from) = &self.exp_avg {
+            t.exp_avg.copy_from(from);
         }
-        if let Some(from) = self.exp_avg_sq {
-            copy(t.exp_avg_sq.as_f32(), from);
+        if let Some(from) = &self.exp_avg_sq {
+            t.exp_avg_sq.copy_from(from);
         }
-        if let (Some(from), Some(to)) = (self.max_exp_avg_sq, t.max_exp_avg_sq.as_mut()) {
-            copy(to.as_f32(), from);
+        if let (Some(from), Some(to)) = (&self.max_exp_avg_sq, t.max_exp_avg_sq.as_mut()) {
+            to.copy_from(from);
         }
     }
 
     pub fn split_at(self, mid: usize) -> (Self, Self) {
         let (p0, p1) = self.params.split_at(mid);
-        let split = |x: Option<&'a [f32]>| match x {
+        let split = |x: Option<ElementsRef<'a>>| match x {
             Some(x) => {
                 let (x0, x1) = x.split_at(mid);
                 (Some(x0), Some(x1))

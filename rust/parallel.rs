@@ -116,17 +116,18 @@ pub fn adamw_step(
     });
 }
 
-/// The same step out of place (float32 only): each chunk of `sources` is copied into its
+/// The same step out of place: each chunk of `sources` is copied into its
 /// tensors' chunk, then updated there while it is still in cache.
 pub fn adamw_step_from(
     pairs: Vec<(Sources<'_>, TensorSlices<'_>)>,
     c: &StepConstants,
+    rounding: Rounding,
     level: SimdLevel,
 ) {
     for_each_chunk(pairs, |(sources, mut t)| {
         let _ieee = KeepSubnormals::enter();
         sources.copy_into(&mut t);
-        simd::update(level, t, c, Rounding::Nearest)
+        simd::update(level, t, c, rounding)
     });
 }
 

@@ -459,6 +459,7 @@ impl<'py> StepArrays<'py> {
             Some(sources) => parallel::adamw_step_from(
                 sources.into_iter().zip(tensors).collect(),
                 constants,
+                rounding,
                 level,
             ),
         })
@@ -501,10 +502,10 @@ impl<'py> StepArrays<'py> {
         let sources = (!lists.is_empty()).then(|| {
             (0..tensors.len())
                 .map(|i| Sources {
-                    params: lists[0][i],
-                    exp_avg: Some(lists[1][i]),
-                    exp_avg_sq: Some(lists[2][i]),
-                    max_exp_avg_sq: lists.get(3).map(|list| list[i]),
+                    params: ElementsRef::F32(lists[0][i]),
+                    exp_avg: Some(ElementsRef::F32(lists[1][i])),
+                    exp_avg_sq: Some(ElementsRef::F32(lists[2][i])),
+                    max_exp_avg_sq: lists.get(3).map(|list| ElementsRef::F32(list[i])),
                 })
                 .collect()
         });

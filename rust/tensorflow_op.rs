@@ -15,15 +15,20 @@
 //! One op per variable. Inputs: `params`, `exp_avg`, `exp_avg_sq`,
 //! `max_exp_avg_sq` (a list of one with AMSGrad, else empty), `grads`, `step`
 //! (int64) and `rates` (float64: learning_rate, weight_decay, beta_1, beta_2,
-//! epsilon). Outputs: the new values of the first three or four inputs, each
-//! shaped as its input. Attributes: `epsilon_mode`, `weight_decay_mode`,
-//! `decay_form` and `maximize`. Everything is checked before the first write;
-//! a bad call fails the op with an InvalidArgument error naming the input.
+//! epsilon, and with `stochastic` the seed). Params and grads are float32,
+//! bfloat16 or float16, the state float32 or bfloat16 (type attributes
+//! `Tparams`, `Tgrads`, `Tstate`). Outputs: the new values of the first three
+//! or four inputs, each shaped and typed as its input. Attributes:
+//! `epsilon_mode`, `weight_decay_mode`, `decay_form`, `maximize` and
+//! `stochastic` (16-bit stores rounded stochastically). Everything is checked
+//! before the first write; a bad call fails the op with an InvalidArgument
+//! error naming the input.
 
 use crate::aliasing::{find_overlap, Region};
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
-use crate::{host_state, in_flight, parallel, simd, Sources, TensorSlices};
+use crate::{host_state, in_flight, parallel, simd, Rounding, Sources, TensorSlices};
+use crate::{DType, Elements, ElementsRef};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::size_of;
 use std::sync::{Mutex, OnceLock};
@@ -124,6 +129,8 @@ const CODE_INVALID_ARGUMENT: c_int = 3;
 const CODE_INTERNAL: c_int = 13;
 
 const DTYPE_FLOAT: c_int = 1;
+const DTYPE_BFLOAT16: c_int = 14;
+const DTYPE_HALF: c_int = 19;
 const DTYPE_DOUBLE: c_int = 2;
 const DTYPE_INT64: c_int = 9;
 
@@ -213,30 +220,34 @@ unsafe fn register_with(api: &'static Api) -> Result<(), String> {
     unsafe {
         let op = (api.new_op)(name.as_ptr());
         for input in [
-            c"params: float",
-            c"exp_avg: float",
-            c"exp_avg_sq: float",
-            c"max_exp_avg_sq: amsgrad * float",
-            c"grads: float",
+            c"params: Tparams",
+            c"exp_avg: Tstate",
+            c"exp_avg_sq: Tstate",
+            c"max_exp_avg_sq: amsgrad * Tstate",
+            c"grads: Tgrads",
             c"step: int64",
             c"rates: double",
         ] {
             (api.add_input)(op, input.as_ptr());
         }
         for output in [
-            c"new_params: float",
-            c"new_exp_avg: float",
-            c"new_exp_avg_sq: float",
-            c"new_max_exp_avg_sq: amsgrad * float",
+            c"new_params: Tparams",
+            c"new_exp_avg: Tstate",
+            c"new_exp_avg_sq: Tstate",
+            c"new_max_exp_avg_sq: amsgrad * Tstate",
         ] {
             (api.add_output)(op, output.as_ptr());
         }
         for attr in [
             c"amsgrad: int >= 0",
+            c"Tparams: {float, bfloat16, half} = DT_FLOAT",
+            c"Tgrads: {float, bfloat16, half} = DT_FLOAT",
+            c"Tstate: {float, bfloat16} = DT_FLOAT",
             c"epsilon_mode: string",
             c"weight_decay_mode: string",
             c"decay_form: string = ''",
             c"maximize: bool = false",
+            c"stochastic: bool = false",
         ] {
             (api.add_attr)(op, attr.as_ptr());
         }
@@ -340,6 +351,8 @@ struct Options {
     weight_decay_mode: DecayMode,
     decay_form: Option<DecayForm>,
     maximize: bool,
+    /// 16-bit stores rounded stochastically (`KerasAdamwUpdate` only).
+    stochastic: bool,
     /// The registered host state (`KerasAdamwUpdateHostState` only).
     host_state: Option<u64>,
 }
@@ -421,6 +434,12 @@ unsafe fn read_options(
     unsafe { (api.attr_bool)(ctx, c"maximize".as_ptr(), &mut maximize, status.raw) };
     status.check("maximize")?;
     let decay_form = text(c"decay_form")?;
+    let mut stochastic = 0u8;
+    if !host_state {
+        // SAFETY: the caller's contract; TF writes one byte.
+        unsafe { (api.attr_bool)(ctx, c"stochastic".as_ptr(), &mut stochastic, status.raw) };
+        status.check("stochastic")?;
+    }
     let host_state = if host_state {
         let mut id = 0i64;
         // SAFETY: the caller's contract; TF writes one int64.
@@ -439,6 +458,7 @@ unsafe fn read_options(
             form => Some(DecayForm::parse(form).map_err(error)?),
         },
         maximize: maximize != 0,
+        stochastic: stochastic != 0,
         host_state,
     })
 }
@@ -478,9 +498,21 @@ struct TensorRef<'a> {
 }
 
 impl TensorRef<'_> {
-    fn dtype(&self) -> c_int {
+    fn tf_dtype(&self) -> c_int {
         // SAFETY: a live tensor.
         unsafe { (self.api.tensor_type)(self.raw) }
+    }
+
+    /// The kernel's element type of the tensor (checked by `check_inputs`).
+    fn dtype(&self) -> Result<DType, String> {
+        match self.tf_dtype() {
+            DTYPE_FLOAT => Ok(DType::F32),
+            DTYPE_BFLOAT16 => Ok(DType::Bf16),
+            DTYPE_HALF => Ok(DType::F16),
+            other => Err(format!(
+                "has TensorFlow dtype {other}, not a float the kernel takes"
+            )),
+        }
     }
 
     fn dims(&self) -> Vec<i64> {
@@ -539,59 +571,57 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         .copied()
         .zip(&sources)
         .chain([("grads", &grads)]);
-    let dims = check_float_inputs(named)?;
-    let constants = step_constants(options, &step, &rates)?;
+    let dims = check_inputs(named)?;
+    let (constants, rounding) = step_constants(options, &step, &rates)?;
     let level = simd::active_level().map_err(|e| e.to_string())?;
 
-    // Checked: allocate the results, which TF hands on as the op's outputs.
+    // Checked: allocate the results, each of its input's dtype, which TF hands on as the op's outputs.
     let len = sources[0].len();
-    let outputs = (0..written)
-        .map(|index| call.allocate(index, &dims, WRITTEN[index]))
+    let outputs = sources
+        .iter()
+        .enumerate()
+        .map(|(index, source)| call.allocate(index, &dims, source.dtype()?, WRITTEN[index]))
         .collect::<Result<Vec<_>, String>>()?;
 
-    let region = |t: &TensorRef<'_>, written: bool, label: &'static str| Region {
-        start: t.data() as usize,
-        len_bytes: len * size_of::<f32>(),
-        written,
-        label,
+    let region = |t: &TensorRef<'_>, written: bool, label: &'static str| -> Result<_, String> {
+        Ok(Region {
+            start: t.data() as usize,
+            len_bytes: len * t.dtype()?.size(),
+            written,
+            label,
+        })
     };
     // The inputs are only read (they may share memory); the outputs are fresh.
-    let mut regions = vec![region(&grads, false, "grads")];
+    let mut regions = vec![region(&grads, false, "grads")?];
     for (i, (source, output)) in sources.iter().zip(&outputs).enumerate() {
-        regions.push(region(source, false, WRITTEN[i]));
-        regions.push(region(output, true, WRITTEN[i]));
+        regions.push(region(source, false, WRITTEN[i])?);
+        regions.push(region(output, true, WRITTEN[i])?);
     }
     // Waits for any host call writing memory the op reads (an array TF wraps without a copy).
     let _claim = in_flight::claim(&regions);
-    let read = |t: &TensorRef<'_>| -> &[f32] {
-        if len == 0 {
-            return &[];
-        }
-        // SAFETY: an aligned float32 buffer of `len` elements that nothing writes during the call (claimed).
-        unsafe { std::slice::from_raw_parts(t.data().cast(), len) }
+    let read = |t: &TensorRef<'_>| -> Result<ElementsRef<'_>, String> {
+        // SAFETY: an aligned buffer of `len` elements of its dtype (checked) that nothing writes during the call (claimed).
+        Ok(unsafe { ElementsRef::from_raw(t.dtype()?, t.data().cast(), len) })
     };
-    let write = |t: &TensorRef<'_>| -> &mut [f32] {
-        if len == 0 {
-            return &mut [];
-        }
-        // SAFETY: a float32 output of `len` elements, freshly allocated by TF, so overlapping nothing else.
-        unsafe { std::slice::from_raw_parts_mut(t.data().cast(), len) }
+    let write = |t: &TensorRef<'_>| -> Result<Elements<'_>, String> {
+        // SAFETY: an output of `len` elements of its dtype, freshly allocated by TF, so overlapping nothing else.
+        Ok(unsafe { Elements::from_raw(t.dtype()?, t.data().cast(), len) })
     };
     let from = Sources {
-        params: read(&sources[0]),
-        exp_avg: Some(read(&sources[1])),
-        exp_avg_sq: Some(read(&sources[2])),
-        max_exp_avg_sq: sources.get(3).map(read),
+        params: read(&sources[0])?,
+        exp_avg: Some(read(&sources[1])?),
+        exp_avg_sq: Some(read(&sources[2])?),
+        max_exp_avg_sq: sources.get(3).map(read).transpose()?,
     };
-    let to = TensorSlices::new(
-        write(&outputs[0]),
-        read(&grads),
-        write(&outputs[1]),
-        write(&outputs[2]),
-        outputs.get(3).map(write),
+    let to = TensorSlices::of_elements(
+        write(&outputs[0])?,
+        read(&grads)?,
+        write(&outputs[1])?,
+        write(&outputs[2])?,
+        outputs.get(3).map(write).transpose()?,
     )
     .map_err(|e| e.to_string())?;
-    parallel::adamw_step_from(vec![(from, to)], &constants, level);
+    parallel::adamw_step_from(vec![(from, to)], &constants, rounding, level);
     Ok(())
 }
 
@@ -617,18 +647,29 @@ impl<'a> Call<'a> {
         Ok(TensorRef { api: self.api, raw })
     }
 
-    /// Output `index`, a float32 tensor of `dims` that TF allocates fresh.
-    fn allocate(&self, index: usize, dims: &[i64], name: &str) -> Result<TensorRef<'a>, String> {
+    /// Output `index`, a tensor of `dims` and `dtype` that TF allocates fresh.
+    fn allocate(
+        &self,
+        index: usize,
+        dims: &[i64],
+        dtype: DType,
+        name: &str,
+    ) -> Result<TensorRef<'a>, String> {
         let len = dims.iter().product::<i64>().max(0) as usize;
+        let tf_dtype = match dtype {
+            DType::Bf16 => DTYPE_BFLOAT16,
+            DType::F16 => DTYPE_HALF,
+            _ => DTYPE_FLOAT,
+        };
         // SAFETY: TF's live context for the call; TF reports a bad index in the status.
         let raw = unsafe {
             (self.api.allocate_output)(
                 self.ctx,
                 index as c_int,
-                DTYPE_FLOAT,
+                tf_dtype,
                 dims.as_ptr(),
                 dims.len() as c_int,
-                len * size_of::<f32>(),
+                len * dtype.size(),
                 self.status.raw,
             )
         };
@@ -637,45 +678,57 @@ impl<'a> Call<'a> {
     }
 }
 
-/// Checks that the named inputs are aligned float32 tensors of the first one's
-/// shape; returns that shape.
-fn check_float_inputs<'t>(
+/// Checks that the named inputs are aligned tensors of float dtypes the kernel
+/// takes, of the first one's shape; returns that shape. (The op's type
+/// attributes already limit each input's dtype; the kernel checks the
+/// combination.)
+fn check_inputs<'t>(
     named: impl IntoIterator<Item = (&'t str, &'t TensorRef<'t>)>,
 ) -> Result<Vec<i64>, String> {
     let mut dims = None;
     for (name, tensor) in named {
         let first = dims.get_or_insert_with(|| tensor.dims());
-        if tensor.dtype() != DTYPE_FLOAT {
-            return Err(format!("{name} must be float32"));
-        }
+        let dtype = tensor.dtype().map_err(|e| format!("{name} {e}"))?;
         if tensor.dims() != *first {
             return Err(format!(
                 "{name} has shape {:?} where params has {first:?}",
                 tensor.dims()
             ));
         }
-        if tensor.len() > 0 && !tensor.data().cast::<f32>().is_aligned() {
-            return Err(format!("{name} is not an aligned float32 buffer"));
+        if tensor.len() > 0 && !(tensor.data() as usize).is_multiple_of(dtype.size()) {
+            return Err(format!("{name} is not an aligned {} buffer", dtype.name()));
         }
     }
     Ok(dims.unwrap_or_default())
 }
 
-/// The step constants from the `step` and `rates` inputs and the options.
+/// The step constants and the rounding from the `step` and `rates` inputs
+/// and the options.
 fn step_constants(
     options: &Options,
     step: &TensorRef<'_>,
     rates: &TensorRef<'_>,
-) -> Result<StepConstants, String> {
+) -> Result<(StepConstants, Rounding), String> {
+    let count = if options.stochastic { 6 } else { 5 };
     let (step, rates) = (
         scalars::<i64>(step, DTYPE_INT64, 1, "step")?,
-        scalars::<f64>(rates, DTYPE_DOUBLE, 5, "rates")?,
+        scalars::<f64>(rates, DTYPE_DOUBLE, count, "rates")?,
     );
     let step = u64::try_from(step[0])
         .ok()
         .filter(|&s| s >= 1)
         .ok_or_else(|| format!("step must be an integer >= 1, got {}", step[0]))?;
-    Hyperparams {
+    let rounding = match rates.get(5) {
+        None => Rounding::Nearest,
+        Some(&seed) if seed >= 0.0 && seed.fract() == 0.0 && seed < u64::MAX as f64 => {
+            Rounding::Stochastic {
+                seed: seed as u64,
+                step,
+            }
+        }
+        Some(seed) => return Err(format!("the seed must be an integer >= 0, got {seed}")),
+    };
+    let constants = Hyperparams {
         step,
         learning_rate: rates[0],
         weight_decay: rates[1],
@@ -689,7 +742,8 @@ fn step_constants(
         grad_scale: None,
     }
     .constants()
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok((constants, rounding))
 }
 
 /// `KerasAdamwUpdateHostState`: new params out of place, the registered
@@ -705,8 +759,11 @@ unsafe fn run_host_state(
 ) -> Result<(), String> {
     let call = Call::new(api, ctx);
     let (params, grads) = (call.input(0)?, call.input(1)?);
-    let constants = step_constants(options, &call.input(2)?, &call.input(3)?)?;
-    let dims = check_float_inputs([("params", &params), ("grads", &grads)])?;
+    let (constants, _) = step_constants(options, &call.input(2)?, &call.input(3)?)?;
+    let dims = check_inputs([("params", &params), ("grads", &grads)])?;
+    if params.dtype()? != DType::F32 || grads.dtype()? != DType::F32 {
+        return Err("params and grads must be float32 with host state".into());
+    }
     let len = params.len();
     let state = host_state::lookup(id)
         .ok_or_else(|| format!("host_state {id} is not registered (its HostState was freed)"))?;
@@ -722,7 +779,7 @@ unsafe fn run_host_state(
         }
     }
     let level = simd::active_level().map_err(|e| e.to_string())?;
-    let output = call.allocate(0, &dims, "params")?;
+    let output = call.allocate(0, &dims, DType::F32, "params")?;
 
     let bytes = len * size_of::<f32>();
     let region = |start: usize, written: bool, label: &'static str| Region {
@@ -760,7 +817,7 @@ unsafe fn run_host_state(
         unsafe { std::slice::from_raw_parts_mut(start as *mut f32, len) }
     };
     let from = Sources {
-        params: read(params.data()),
+        params: ElementsRef::F32(read(params.data())),
         exp_avg: None,
         exp_avg_sq: None,
         max_exp_avg_sq: None,
@@ -774,7 +831,7 @@ unsafe fn run_host_state(
         held(2),
     )
     .map_err(|e| e.to_string())?;
-    parallel::adamw_step_from(vec![(from, to)], &constants, level);
+    parallel::adamw_step_from(vec![(from, to)], &constants, Rounding::Nearest, level);
     Ok(())
 }
 
@@ -786,7 +843,7 @@ fn scalars<T: Copy>(
     name: &str,
 ) -> Result<Vec<T>, String> {
     let data = tensor.data().cast::<T>();
-    if tensor.dtype() != dtype || tensor.len() != count || data.is_null() {
+    if tensor.tf_dtype() != dtype || tensor.len() != count || data.is_null() {
         return Err(format!(
             "{name} must be {count} {}",
             if dtype == DTYPE_INT64 {

@@ -2,9 +2,10 @@
 
 The kernel runs as a TensorFlow op, `KerasAdamwUpdate` (rust/tensorflow_op.rs),
 registered through TensorFlow's C API on first use: one op per variable reads
-the variable's value, its slots and its gradient, and writes the new values in
-one pass into tensors that TF allocates and the variables then adopt, without
-a copy. Offloaded state (host arrays of ours) goes to its sibling,
+the variable's value (or its float32 master), its slots and its gradient, of
+float32 or 16-bit dtypes, and writes the new values in one pass into tensors
+that TF allocates and the variables then adopt, without a copy. Offloaded
+state (host arrays of ours, float32) goes to its sibling,
 `KerasAdamwUpdateHostState`, which updates the arrays in place by reference
 (`host.HostState`) and writes only the new parameters. A TensorFlow whose C
 API the ops cannot find takes a `tf.numpy_function` instead.
@@ -35,8 +36,12 @@ if TYPE_CHECKING:
 
 
 def host_dtypes(offload_state: bool) -> tuple[str, ...]:
-    """The variable and state dtypes the host path takes (its ops are float32)."""
-    return ("float32",)
+    """The variable and state dtypes the host path takes: 16-bit ones in the
+    op of Keras-variable state; float32 in the op of offloaded state and in
+    tf.numpy_function (where the ops are unavailable)."""
+    if offload_state or update_op() is None:
+        return ("float32",)
+    return ("float32", "bfloat16", "float16")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -52,6 +57,8 @@ def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
             )
         if update_op() is None:
             return "the TensorFlow op under tf.distribute"
+        if variable.dtype != "float32":
+            return f"float32 variables under tf.distribute ({variable.path} is {variable.dtype})"
         devices = [component.device for component in value.values]
     else:
         devices = [value.device]
@@ -169,28 +176,37 @@ class HostPath:
     ) -> None:
         """One op per variable: TF can run them side by side, and frees each
         variable's old memory as soon as its new values are assigned. The
-        rates are formed once per parameter group."""
+        rates are formed once per parameter group. A variable with a master
+        has the op update the master, then receives it rounded to nearest
+        (a cast: the op has no copy-out yet, so this takes a second pass)."""
         import tensorflow as tf
 
         optimizer = self.optimizer
         step = tf.cast(optimizer.iterations + 1, tf.int64)
         for rates, positions in self.group_rates(learning_rate, indices):
             for k in positions:
-                variable = variables[k]
+                variable, master = variables[k], optimizer._masters[indices[k]]
+                weights = variable if master is None else master
                 momentum, velocity, *velocity_hat = (s[indices[k]] for s in optimizer._slot_lists())
+                stochastic = optimizer._rounds_stochastically([weights.dtype], False)
+                seed = tf.cast(optimizer._rounding_seed(), tf.float64) if stochastic else None
                 new_values = op(
-                    params=variable.value,
+                    params=weights.value,
                     exp_avg=momentum.value,
                     exp_avg_sq=velocity.value,
                     max_exp_avg_sq=[v.value for v in velocity_hat],
-                    grads=tf.cast(grads[k], tf.float32),
+                    grads=tf.cast(grads[k], variable.dtype),
                     step=step,
-                    rates=rates,
+                    rates=rates if seed is None else tf.concat([rates, [seed]], 0),
+                    stochastic=stochastic,
                     **optimizer._kernel_options(),
                 )
-                targets = [variable, momentum, velocity, *velocity_hat]
-                for target, value in zip(targets, tf.nest.flatten(new_values), strict=True):
+                new_values = tf.nest.flatten(new_values)
+                targets = [weights, momentum, velocity, *velocity_hat]
+                for target, value in zip(targets, new_values, strict=True):
                     optimizer.assign(target, value)
+                if master is not None:
+                    optimizer.assign(variable, tf.cast(new_values[0], variable.dtype))
 
     def group_rates(self, learning_rate: Any, indices: list[int]) -> list[tuple[Any, list[int]]]:
         """Per parameter group: the ops' `rates` input (learning rate, weight

@@ -160,14 +160,17 @@ class HostPath:
         )
         with torch.no_grad():
             for k, device_param in device_params.items():
-                device_param.copy_(params[k])
+                self.staging.copy_out(device_param, params[k])
 
 
 class StagingBuffers:
-    """Host buffers (pinned when CUDA is there) for tensors staged from an accelerator."""
+    """Host buffers (pinned when CUDA is there) for tensors staged from an
+    accelerator, and the bytes that cross each way."""
 
     def __init__(self) -> None:
         self.buffers: dict[Any, Any] = {}
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
 
     def copy_in(self, key: Any, tensor: Any, write_only: bool = False) -> Any:
         """A host buffer shaped and typed as ``tensor``, holding its values
@@ -181,4 +184,10 @@ class StagingBuffers:
             self.buffers[key] = buffer
         if not write_only:
             buffer.copy_(tensor)
+            self.bytes_to_host += tensor.numel() * tensor.element_size()
         return buffer
+
+    def copy_out(self, tensor: Any, buffer: Any) -> None:
+        """``buffer``'s values into the accelerator's ``tensor``."""
+        tensor.copy_(buffer)
+        self.bytes_to_device += buffer.numel() * buffer.element_size()

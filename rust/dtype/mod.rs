@@ -211,6 +211,20 @@ impl<'a> Elements<'a> {
         }
     }
 
+    /// Copies `from`, of the same dtype and length.
+    pub fn copy_from(&mut self, from: &ElementsRef<'_>) {
+        match (self, from) {
+            (Self::F32(to), ElementsRef::F32(from)) => to.copy_from_slice(from),
+            (Self::Bf16(to), ElementsRef::Bf16(from)) => to.copy_from_slice(from),
+            (Self::F16(to), ElementsRef::F16(from)) => to.copy_from_slice(from),
+            (to, from) => panic!(
+                "a {} slice cannot take a copy of a {} one",
+                to.dtype().name(),
+                from.dtype().name()
+            ),
+        }
+    }
+
     /// The float32 slice, if that is the dtype.
     pub fn as_f32(&mut self) -> Option<&mut [f32]> {
         match self {

@@ -5,7 +5,8 @@ use keras_adamw_core::parallel::{adamw_step, adamw_step_from, set_num_threads};
 use keras_adamw_core::simd::update_scalar;
 use keras_adamw_core::simd::{self, supported_levels};
 use keras_adamw_core::{
-    DecayForm, DecayMode, EpsilonMode, Hyperparams, Rounding, Sources, StepConstants, TensorSlices,
+    DecayForm, DecayMode, ElementsRef, EpsilonMode, Hyperparams, Rounding, Sources, StepConstants,
+    TensorSlices,
 };
 use proptest::prelude::*;
 
@@ -316,15 +317,20 @@ fn an_out_of_place_step_matches_the_in_place_one_and_leaves_its_sources() {
         let mut out = State::random(n, 8, amsgrad); // garbage the step must overwrite
         out.g.clone_from(&sources.g);
         let from = Sources {
-            params: &sources.p,
-            exp_avg: Some(&sources.m),
-            exp_avg_sq: Some(&sources.v),
-            max_exp_avg_sq: sources.max_v.as_deref(),
+            params: ElementsRef::F32(&sources.p),
+            exp_avg: Some(ElementsRef::F32(&sources.m)),
+            exp_avg_sq: Some(ElementsRef::F32(&sources.v)),
+            max_exp_avg_sq: sources.max_v.as_deref().map(ElementsRef::F32),
         };
         let (head, tail) = out.slices().split_at(1000);
         let (from_head, from_tail) = from.split_at(1000);
         let pairs = vec![(from_head, head), (from_tail, tail)];
-        adamw_step_from(pairs, &constants(), simd::active_level().unwrap());
+        adamw_step_from(
+            pairs,
+            &constants(),
+            Rounding::Nearest,
+            simd::active_level().unwrap(),
+        );
         assert!(out == in_place, "amsgrad {amsgrad}");
         assert!(sources == State::random(n, 7, amsgrad));
     }

@@ -115,6 +115,70 @@ def test_the_op_matches_the_float64_reference(amsgrad, epsilon_mode):
     np.testing.assert_allclose(m, reference.m[0], rtol=1e-5, atol=1e-7)
 
 
+SIXTEEN_BIT = {
+    "bf16 params and grads": ("bfloat16", "float32", "nearest"),
+    "f16 params, bf16 state, stochastic": ("float16", "bfloat16", "stochastic"),
+    "bf16 state": ("float32", "bfloat16", "nearest"),
+}
+
+
+@pytest.mark.parametrize(
+    ("params_dtype", "state_dtype", "rounding"), SIXTEEN_BIT.values(), ids=SIXTEEN_BIT.keys()
+)
+def test_the_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
+    params_dtype, state_dtype, rounding
+):
+    """The op reads and writes each input's own dtype; the same kernel as
+    keras_adamw.host (large enough to run in chunks on several threads)."""
+    import ml_dtypes
+    import tensorflow as tf
+
+    from keras_adamw import host
+    from keras_adamw.backends.tensorflow import update_op
+
+    def dtype(name):
+        return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+    rng = np.random.default_rng(7)
+    shape = (300, 700)
+    expected = dict(
+        params=rng.standard_normal(shape).astype(dtype(params_dtype)),
+        grads=(rng.standard_normal(shape) * 0.1).astype(dtype(params_dtype)),
+        exp_avgs=(rng.standard_normal(shape) * 0.01).astype(dtype(state_dtype)),
+        exp_avg_sqs=np.abs(rng.standard_normal(shape) * 0.01).astype(dtype(state_dtype)),
+    )
+    current = {k: tf.constant(v) for k, v in expected.items()}
+    stochastic = rounding == "stochastic"
+    for step in (1, 2):
+        rates = [1e-2, 1e-3, 0.9, 0.999, 1e-7] + ([11.0] if stochastic else [])
+        params, m, v, _ = update_op()(
+            params=current["params"],
+            exp_avg=current["exp_avgs"],
+            exp_avg_sq=current["exp_avg_sqs"],
+            max_exp_avg_sq=[],
+            grads=current["grads"],
+            step=tf.constant(step, tf.int64),
+            rates=tf.constant(rates, tf.float64),
+            epsilon_mode="keras",
+            weight_decay_mode="decoupled",
+            stochastic=stochastic,
+        )
+        current.update(params=params, exp_avgs=m, exp_avg_sqs=v)
+        host.adamw_update(
+            **expected,
+            step=step,
+            learning_rate=1e-2,
+            weight_decay=1e-3,
+            weight_decay_mode="decoupled",
+            rounding=rounding,
+            seed=11,
+        )
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+        got = current[name].numpy()
+        assert got.dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(got, expected[name], err_msg=name)
+
+
 def call_op(**changes):
     import tensorflow as tf
 
