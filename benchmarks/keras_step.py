@@ -73,6 +73,10 @@ DTYPE_OPTIMIZERS = {
         "float32",
         lambda keras, AdamW: AdamW(implementation="host", state_dtype="bfloat16"),
     ),
+    "keras_adamw host, int8 state": (
+        "float32",
+        lambda keras, AdamW: AdamW(implementation="host", state_dtype="int8"),
+    ),
     "bf16 model, keras.optimizers.AdamW": (
         "bfloat16",
         lambda keras, AdamW: keras.optimizers.AdamW(),
@@ -85,6 +89,10 @@ DTYPE_OPTIMIZERS = {
     "bf16 model, keras_adamw host, bf16 state": (
         "bfloat16",
         lambda keras, AdamW: AdamW(implementation="host", state_dtype="bfloat16"),
+    ),
+    "bf16 model, keras_adamw host, int8 state": (
+        "bfloat16",
+        lambda keras, AdamW: AdamW(implementation="host", state_dtype="int8"),
     ),
 }
 

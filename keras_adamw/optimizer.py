@@ -24,7 +24,7 @@ Schedule = Any
 EPSILON_MODES = ("keras", "torch")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 IMPLEMENTATIONS = ("auto", "ops", "host")
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @keras.saving.register_keras_serializable(package="keras_adamw")
@@ -87,9 +87,11 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             16-bit variable; ``False``: none. Float32 variables are their own
             masters; float64 ones with ``True`` raise.
         state_dtype: the dtype of m, v (and v̂): ``"float32"`` (float64
-            for float64 variables) or ``"bfloat16"`` (half the memory). The
-            update always computes in float32 (or float64) and rounds what it
-            stores.
+            for float64 variables), ``"bfloat16"`` (half the memory) or
+            ``"int8"`` (8-bit block-wise, `keras_adamw.host.QuantizedState`:
+            about a quarter; host arrays that only the host kernel updates,
+            on torch). The update always computes in float32 (or float64)
+            and rounds what it stores.
         stochastic_rounding: round stochastically (unbiased: steps below half
             a 16-bit step add up in expectation) where a 16-bit value is
             stored: variables without masters, and bfloat16 state. The random
@@ -166,7 +168,14 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             None if master_weights is None else _flag("master_weights", master_weights)
         )
         _check_choice("state_dtype", state_dtype, STATE_DTYPES)
+        if state_dtype == "int8" and implementation == "ops":
+            raise ValueError(
+                "state_dtype='int8' is 8-bit block-wise state that only the host kernel "
+                'updates: it needs implementation="host" or "auto", not "ops"'
+            )
         self.state_dtype = state_dtype
+        # 8-bit state is host memory of ours, as offloaded state is.
+        self._state_in_host_memory = offload_state or state_dtype == "int8"
         self.stochastic_rounding = _flag("stochastic_rounding", stochastic_rounding)
         self._exclude_patterns = _compile_patterns(
             "exclude_from_weight_decay", exclude_from_weight_decay or []
@@ -258,20 +267,20 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         self._variable_factors = [self._factors_for(v) for v in var_list]
         self._on_host = self._resolve_implementation(var_list)
         self._host_path = backends.current().HostPath(self)
-        if self.offload_state:
+        if self._state_in_host_memory:
             # Host memory owned by the optimizer, not Keras variables; none for the
             # variables Keras gives no slots (overwrite_with_gradient: float8 scales).
             # Written now (np.full, not np.zeros' untouched pages), as Keras
             # variables are: memory that does not fit fails here, not mid-step.
-            slots = 3 if self.amsgrad else 2
+            moments = [1, 2, 2] if self.amsgrad else [1, 2]
             state = [
                 [
                     None
                     if self._overwrite_variable_with_gradient(v)
-                    else np.full(v.shape, 0.0, host._dtype(self._state_dtype_of(v)))
+                    else self._host_slot(v.shape, moment)
                     for v in var_list
                 ]
-                for _ in range(slots)
+                for moment in moments
             ]
         else:  # Keras's Adam order: momentum and velocity interleaved, then velocity_hat
             with self._adding_slots(self._state_dtype_of):
@@ -288,7 +297,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         # Whether any value is stored in a dtype other than its variable's.
         self._mixed_dtypes = any(master is not None for master in self._masters) or any(
             slot is not None and _dtype(slot) != _dtype(variable)
-            for slots in ([] if self.offload_state else self._slot_lists())
+            for slots in ([] if self._state_in_host_memory else self._slot_lists())
             for slot, variable in zip(slots, var_list, strict=True)
         )
         self._seed_generator = None
@@ -296,6 +305,14 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             with keras.name_scope(self.name, caller=self):
                 self._seed_generator = keras.random.SeedGenerator(name="stochastic_rounding")
             self._track_variable(self._seed_generator.state)
+
+    def _host_slot(self, shape: tuple[int, ...], moment: int) -> Any:
+        """A slot in host memory: an array of the state dtype, or 8-bit block-wise."""
+        if self.state_dtype == "int8":
+            state = host.QuantizedState(shape, moment=moment)
+            state.codes.fill(0)  # touched now, as np.full touches an array's pages
+            return state
+        return np.full(shape, 0.0, host._dtype(self.state_dtype))
 
     def _new_master(self, variable: Any) -> Any:
         """A float32 copy of ``variable``: an optimizer variable, or a host
@@ -375,19 +392,22 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         reason = _host_unsupported_reason(var_list, self.offload_state)
         on_host = backends.current().host_dtypes(self.offload_state)
         if self.state_dtype not in on_host:
+            where = "8-bit state is host memory" if self.state_dtype == "int8" else "runs on ops"
             reason = (
-                f"{' or '.join(on_host)} state on {keras.backend.backend()}"
-                f"{' when offloaded' if self.offload_state else ''} "
-                f"(state_dtype={self.state_dtype!r} runs on the ops path there)"
+                f"{' or '.join(d for d in on_host if d != 'int8')} state on "
+                f"{keras.backend.backend()}{' when offloaded' if self.offload_state else ''} "
+                f"(state_dtype={self.state_dtype!r}: {where})"
             )
         if self.implementation == "ops":
             return False
-        if self.implementation == "auto" and not self.offload_state:
+        if self.implementation == "auto" and not self._state_in_host_memory:
             # Measured faster than ops on CPU on every backend (benchmarks/), and
             # about even with TF's XLA, where auto falls back to ops anyway.
             return reason is None
         if reason is not None:
-            raise ValueError(f'implementation="host" and offload_state need {reason}')
+            raise ValueError(
+                f'implementation="host", offload_state and state_dtype="int8" need {reason}'
+            )
         return True
 
     # -- the update -------------------------------------------------------------
@@ -595,7 +615,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         masters, generator = self._optional_state()
         optional = masters + generator
         state = [x for x in self.variables if not any(x is y for y in optional)]
-        if self.built and self.offload_state:
+        if self.built and self._state_in_host_memory:
             pairs = zip(self._momentums, self._velocities, strict=True)
             state += [slot for pair in pairs for slot in pair if slot is not None]
             if self.amsgrad:
@@ -652,11 +672,10 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         for target, array in zip(layout, arrays, strict=True):
             if target is None:
                 continue
-            dtype = host._dtype(_dtype(target))
-            if isinstance(target, np.ndarray):
-                np.copyto(target, array.astype(dtype, copy=False))
+            if isinstance(target, (np.ndarray, host.QuantizedState)):
+                host._copy_state_into(target, array)  # converting, quantising
             else:
-                target.assign(array.astype(dtype, copy=False))
+                target.assign(array.astype(host._dtype(_dtype(target)), copy=False))
         masters = self._optional_state()[0]
         if masters and not any(x is masters[0] for x in layout):
             for master, variable in zip(self._masters, self._trainable_variables, strict=True):
@@ -668,9 +687,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
 
     def get_weights(self) -> list[np.ndarray]:
         """Copies of the whole state, offloaded slots included, in Keras's order."""
-        return [
-            x.copy() if isinstance(x, np.ndarray) else np.array(x.numpy()) for x in self._state()
-        ]
+        return [_host_values(x, copy=True) for x in self._state()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets the whole state from `get_weights()` (of this class, with or without
@@ -689,7 +706,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def save_own_variables(self, store: Any) -> None:
         saved_value = backends.current().saved_value
         for i, x in enumerate(self._state()):
-            store[str(i)] = x if isinstance(x, np.ndarray) else saved_value(x)
+            store[str(i)] = saved_value(x) if isinstance(x, keras.Variable) else _host_values(x)
 
     def load_own_variables(self, store: Any) -> None:
         values = [store[str(i)] for i in range(len(store.keys()))]
@@ -846,11 +863,26 @@ def _peak_learning_rate(learning_rate: Any) -> float | None:
 # -- the host path ------------------------------------------------------------------
 
 
+def _in_host_memory(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, host.QuantizedState))
+
+
+def _host_values(x: Any, copy: bool = False) -> np.ndarray:
+    """The values of a piece of state as an array: a host array's own (or a
+    copy), 8-bit state's decoded to float32 (lossless: they encode back to
+    the same codes), a Keras variable's as NumPy holds them."""
+    if isinstance(x, host.QuantizedState):
+        return x.to_float()
+    if isinstance(x, np.ndarray):
+        return x.copy() if copy else x
+    return np.array(x.numpy())
+
+
 def _shape_mismatch(layout: list[Any], arrays: list[np.ndarray], source: str) -> str | None:
     """Where `arrays` do not fit `layout`'s shapes, as an error message, or None."""
     for i, (target, array) in enumerate(zip(layout, arrays, strict=True)):
         if target is not None and tuple(target.shape) != array.shape:
-            name = "an offloaded slot" if isinstance(target, np.ndarray) else target.path
+            name = "a slot in host memory" if _in_host_memory(target) else target.path
             return (
                 f"{source}[{i}] has shape {array.shape} where this optimizer's {name} has "
                 f"shape {tuple(target.shape)}: it comes from another model or configuration"

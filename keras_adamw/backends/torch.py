@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def host_dtypes(offload_state: bool) -> tuple[str, ...]:
-    """The variable and state dtypes the host path takes."""
-    return ("float32", "bfloat16", "float16")
+    """The variable and state dtypes the host path takes (8-bit state as
+    `host.QuantizedState` in host memory)."""
+    return ("float32", "bfloat16", "float16", "int8")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -42,9 +43,25 @@ def numpy_view(tensor: Any) -> np.ndarray:
     return view
 
 
-def host_memory(slot: Any) -> np.ndarray:
-    """A slot's memory: a view of a Keras variable's tensor, or an offloaded array as it is."""
-    return slot if isinstance(slot, np.ndarray) else numpy_view(slot.value)
+class Views:
+    """NumPy views of the optimizer's own variables (slots, masters), made
+    once: a view is reused while the variable holds the same tensor (the
+    kernel writes it in place), which spares each step the views' cost
+    (about 9 µs for a bfloat16 tensor, 3 µs for float32)."""
+
+    def __init__(self) -> None:
+        self.views: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def host_memory(self, slot: Any) -> Any:
+        """A slot's memory: a view of a Keras variable's tensor, or host
+        state of ours (an array, 8-bit state) as it is."""
+        if isinstance(slot, (np.ndarray, host.QuantizedState)):
+            return slot
+        tensor = slot.value
+        cached = self.views.get(id(slot))
+        if cached is None or cached[0] is not tensor:
+            cached = self.views[id(slot)] = (tensor, numpy_view(tensor))
+        return cached[1]
 
 
 def on_accelerator(tensor: Any) -> bool:
@@ -55,6 +72,7 @@ class HostPath:
     def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
         self.staging = StagingBuffers()
+        self.views = Views()
 
     def falls_back_to_ops(self, grads: list[Any]) -> bool:
         return False
@@ -139,7 +157,7 @@ class HostPath:
             params[k] = self.staging.copy_in(("param", indices[k]), params[k], write_only=keep)
             grads[k] = self.staging.copy_in(("grad", indices[k]), grads[k])
         slots = [
-            None if slot_list is None else [host_memory(slot) for slot in slot_list]
+            None if slot_list is None else [self.views.host_memory(slot) for slot in slot_list]
             for slot_list in optimizer._slots(indices)
         ]
         optimizer._run_kernel(
@@ -148,7 +166,7 @@ class HostPath:
             float(ops.convert_to_numpy(optimizer.weight_decay)),
             indices,
             [
-                numpy_view(param) if master is None else host_memory(master)
+                numpy_view(param) if master is None else self.views.host_memory(master)
                 for param, master in zip(params, masters, strict=True)
             ],
             [numpy_view(grad) for grad in grads],

@@ -214,9 +214,13 @@ CONFIGURATIONS = {
     }.items()
     for implementation in IMPLEMENTATIONS
 }
-if BACKEND == "torch":
+if BACKEND == "torch":  # host memory state of other kinds: offloaded, and 8-bit
     CONFIGURATIONS["masters, bfloat16 state, offloaded"] = dict(
         state_dtype="bfloat16", offload_state=True
+    )
+    CONFIGURATIONS["masters, int8 state"] = dict(state_dtype="int8")
+    CONFIGURATIONS["stochastic, int8 state"] = dict(
+        state_dtype="int8", master_weights=False, stochastic_rounding=True
     )
 
 
@@ -295,6 +299,8 @@ def test_bad_dtype_options_are_rejected_before_training():
         AdamW(stochastic_rounding=1)
     with pytest.raises(ValueError, match="state_dtype"):
         AdamW(state_dtype="float16")
+    with pytest.raises(ValueError, match=r"state_dtype='int8' .* not \"ops\""):
+        AdamW(state_dtype="int8", implementation="ops")
     float64 = keras.Variable(np.zeros(3), dtype="float64")
     with pytest.raises(ValueError, match=r"master_weights=True.*float64"):
         AdamW(master_weights=True).build([float64])
@@ -306,6 +312,9 @@ def test_bad_dtype_options_are_rejected_before_training():
     bfloat16 = keras.Variable(np.zeros(3), dtype="bfloat16")
     with pytest.raises(ValueError, match="stochastic_rounding=True needs something to round"):
         AdamW(stochastic_rounding=True).build([bfloat16])  # its master is float32
+    if BACKEND != "torch":  # 8-bit state is torch's alone
+        with pytest.raises(ValueError, match=f"state on {BACKEND} .*'int8': 8-bit state is host"):
+            AdamW(state_dtype="int8").build([float32])
     if BACKEND != "torch":  # offloaded state is float32 there (xla.HostState, the TF op's)
         with pytest.raises(ValueError, match=f"float32 variables on {BACKEND} when offloaded"):
             AdamW(offload_state=True).build([bfloat16])
@@ -360,3 +369,47 @@ def test_offloaded_steps_move_16_bit_gradients_and_weights_only(
     assert staging.bytes_to_device == steps * parameters * to_device
     for a, b in zip(weights(model), weights(reference), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="8-bit state runs in the host kernel on torch")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_state_is_the_host_kernels_8_bit_state(dtype):
+    """state_dtype="int8": m and v (and v̂) are `host.QuantizedState`, which
+    the step updates exactly as `host.adamw_update` does (its 8-bit format is
+    checked against a NumPy reading in tests/host/test_dtypes.py)."""
+    from keras_adamw import host
+
+    initial = sixteen_bit(np.random.default_rng(8).standard_normal((300, 500)), dtype)
+    optimizer = AdamW(state_dtype="int8", amsgrad=True, **HYPERPARAMETERS)
+    variable = built(optimizer, initial, dtype)
+    assert optimizer._on_host
+    assert [type(s[0]) for s in optimizer._slot_lists()] == [host.QuantizedState] * 3
+    params = initial.astype(np.float32)
+    copies = initial.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else None
+    state = [host.QuantizedState(initial.shape, moment=k) for k in (1, 2, 2)]
+    # The rates as the optimizer holds them: float32 variables.
+    lr, wd = (float(np.float32(HYPERPARAMETERS[k])) for k in ("learning_rate", "weight_decay"))
+    for step, grad in enumerate(gradients(initial.shape, 4, dtype), start=1):
+        apply(optimizer, variable, grad)
+        host.adamw_update(
+            params,
+            grad.astype(NUMPY_DTYPES[dtype]),
+            state[0],
+            state[1],
+            amsgrad_max=state[2],
+            step=step,
+            learning_rate=lr,
+            weight_decay=wd * lr,  # coupled: the whole rate, as the kernel takes it
+            weight_decay_mode="decoupled",
+            decay_form="multiply",  # as Keras on torch
+            param_copies=copies,
+        )
+    np.testing.assert_array_equal(values(variable), (params if copies is None else copies))
+    for ours, theirs in zip([s[0] for s in optimizer._slot_lists()], state, strict=True):
+        np.testing.assert_array_equal(ours.codes, theirs.codes)
+        np.testing.assert_array_equal(ours.scales, theirs.scales)
+    # Saved as float32 values, which encode back to the same codes.
+    weights_now = optimizer.get_weights()
+    optimizer.set_weights(weights_now)
+    for ours, theirs in zip([s[0] for s in optimizer._slot_lists()], state, strict=True):
+        np.testing.assert_array_equal(ours.codes, theirs.codes)
