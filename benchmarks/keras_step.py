@@ -248,7 +248,6 @@ def measure_steps(backend, total, tensors, reps):
 
     rng = np.random.default_rng(0)
     sizes = [total // tensors + (i < total % tensors) for i in range(tensors)]
-    rows = {}
     runners = {}
     for name in contender_names(backend):
         variables = [keras.Variable(rng.standard_normal(n, dtype=np.float32)) for n in sizes]
@@ -257,9 +256,13 @@ def measure_steps(backend, total, tensors, reps):
         ]
         runners[name] = step_function(backend, name, variables, grads)
         runners[name]()  # compile, first touch
-        rows[name] = []
     runners[CEILING] = ceiling_loop(sizes)
-    rows[CEILING] = []
+    return interleaved_medians(runners, reps)
+
+
+def interleaved_medians(runners, reps):
+    """Median seconds of each runner, the runners taking turns step by step."""
+    rows = {name: [] for name in runners}
     for _ in range(reps):
         for name, run in runners.items():
             start = time.perf_counter()
@@ -278,7 +281,7 @@ def measure_dtype_steps(backend, total, tensors, reps):
 
     rng = np.random.default_rng(0)
     sizes = [total // tensors + (i < total % tensors) for i in range(tensors)]
-    runners, rows = {}, {}
+    runners = {}
     for name, (dtype, make) in DTYPE_OPTIMIZERS.items():
         values = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
         variables = [keras.Variable(x, dtype=dtype) for x in values]
@@ -289,16 +292,8 @@ def measure_dtype_steps(backend, total, tensors, reps):
         except ValueError as error:  # for example the host path's dtypes on this backend
             print(f"{name}: {error}", file=sys.stderr)
             runners.pop(name, None)
-            continue
-        rows[name] = []
-    for _ in range(reps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            rows[name].append(time.perf_counter() - start)
-    return {
-        name: statistics.median(rows[name]) if name in rows else None for name in DTYPE_OPTIMIZERS
-    }
+    medians = interleaved_medians(runners, reps)
+    return {name: medians.get(name) for name in DTYPE_OPTIMIZERS}
 
 
 def print_dtype_report(backend, rows):

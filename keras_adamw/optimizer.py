@@ -318,9 +318,10 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         """A float32 copy of ``variable``: an optimizer variable, or a host
         array when the state is offloaded."""
         if self.offload_state:
-            return np.array(ops.convert_to_numpy(ops.cast(variable, "float32")))
-        master = self.add_variable_from_reference(variable, "master")
-        master.assign(ops.cast(variable, "float32"))
+            master = np.empty(variable.shape, np.float32)
+        else:
+            master = self.add_variable_from_reference(variable, "master")
+        _copy_into_master(master, variable)
         return master
 
     def _keeps_master(self, variable: Any) -> bool:
@@ -390,12 +391,12 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def _resolve_implementation(self, var_list: list[Any]) -> bool:
         """Whether the update runs in the host kernel."""
         reason = _host_unsupported_reason(var_list, self.offload_state)
-        on_host = backends.current().host_dtypes(self.offload_state)
-        if self.state_dtype not in on_host:
+        _, state_dtypes = backends.current().host_dtypes(self.offload_state)
+        if self.state_dtype not in state_dtypes:
             where = "8-bit state is host memory" if self.state_dtype == "int8" else "runs on ops"
             reason = (
-                f"{' or '.join(d for d in on_host if d != 'int8')} state on "
-                f"{keras.backend.backend()}{' when offloaded' if self.offload_state else ''} "
+                f"{' or '.join(state_dtypes)} state on {keras.backend.backend()}"
+                f"{' when offloaded' if self.offload_state else ''} "
                 f"(state_dtype={self.state_dtype!r}: {where})"
             )
         if self.implementation == "ops":
@@ -520,6 +521,17 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             groups.setdefault(self._variable_factors[index], []).append(position)
         return groups
 
+    def _kernel_calls(self, indices: list[int]) -> Iterator[tuple[float, float, bool, list[int]]]:
+        """(lr factor, weight-decay factor, with masters, positions in
+        `indices`): one kernel call each, per parameter group those without
+        masters, then those with (the kernel takes copies for all of a
+        call's params or none)."""
+        for (lr_factor, wd_factor), group in self._groups(indices).items():
+            for copied in (False, True):
+                positions = [k for k in group if (self._masters[indices[k]] is not None) == copied]
+                if positions:
+                    yield lr_factor, wd_factor, copied, positions
+
     def _group_rates(self, lr: Any, wd: Any, lr_factor: float, wd_factor: float) -> tuple[Any, Any]:
         """A group's learning rate, and its decay's whole per-step rate as the ops path forms it."""
         group_lr = lr * lr_factor
@@ -546,40 +558,34 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         read_from: Sequence[Sequence[Any]] | None = None,
         copies: Sequence[Any] | None = None,
     ) -> None:
-        """The host kernel over aligned lists, one call per parameter group
-        (out of place from `read_from`'s lists when given). Where ``copies``
-        has an array, ``params`` holds that variable's float32 master and the
-        copy receives the new values rounded (a call of its own: the kernel
-        takes copies for all of a call's params or none)."""
+        """The host kernel over aligned lists, one call per `_kernel_calls`
+        entry (out of place from `read_from`'s lists when given). For a
+        variable with a master, ``params`` holds the master and ``copies``
+        the variable's memory, which receives the new values rounded."""
         momenta, velocities, velocity_hats = slots
-        copies = copies or [None] * len(indices)
-        for (lr_factor, wd_factor), group in self._groups(indices).items():
+        for lr_factor, wd_factor, copied, positions in self._kernel_calls(indices):
             group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
-            for copied in (False, True):
-                positions = [k for k in group if (copies[k] is not None) == copied]
-                if not positions:
-                    continue
-                host.adamw_update(
-                    [params[k] for k in positions],
-                    [grads[k] for k in positions],
-                    [momenta[k] for k in positions],
-                    [velocities[k] for k in positions],
-                    amsgrad_max=None
-                    if velocity_hats is None
-                    else [velocity_hats[k] for k in positions],
-                    step=step,
-                    learning_rate=group_lr,
-                    beta_1=self.beta_1,
-                    beta_2=self.beta_2,
-                    epsilon=self.epsilon,
-                    weight_decay=decay,
-                    read_from=None
-                    if read_from is None
-                    else [[xs[k] for k in positions] for xs in read_from],
-                    param_copies=[copies[k] for k in positions] if copied else None,
-                    **self._rounding([params[k].dtype for k in positions], copied),
-                    **self._kernel_options(),
-                )
+            host.adamw_update(
+                [params[k] for k in positions],
+                [grads[k] for k in positions],
+                [momenta[k] for k in positions],
+                [velocities[k] for k in positions],
+                amsgrad_max=None
+                if velocity_hats is None
+                else [velocity_hats[k] for k in positions],
+                step=step,
+                learning_rate=group_lr,
+                beta_1=self.beta_1,
+                beta_2=self.beta_2,
+                epsilon=self.epsilon,
+                weight_decay=decay,
+                read_from=None
+                if read_from is None
+                else [[xs[k] for k in positions] for xs in read_from],
+                param_copies=[copies[k] for k in positions] if copies and copied else None,
+                **self._rounding([params[k].dtype for k in positions], copied),
+                **self._kernel_options(),
+            )
 
     def _rounding(self, dtypes: list[Any], copied: bool) -> dict[str, Any]:
         """The kernel's rounding of a call on params of these dtypes, with
@@ -662,12 +668,8 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         layouts = [layout for layout in self._saved_layouts() if len(layout) == len(arrays)]
         if not layouts:
             return False
-        mismatch = None
-        for layout in layouts:
-            mismatch = _shape_mismatch(layout, arrays, source)
-            if mismatch is None:
-                break
-        if mismatch is not None:
+        layout = next((x for x in layouts if _shape_mismatch(x, arrays, source) is None), None)
+        if layout is None:
             raise ValueError(_shape_mismatch(layouts[0], arrays, source))
         for target, array in zip(layout, arrays, strict=True):
             if target is None:
@@ -679,10 +681,8 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         masters = self._optional_state()[0]
         if masters and not any(x is masters[0] for x in layout):
             for master, variable in zip(self._masters, self._trainable_variables, strict=True):
-                if isinstance(master, np.ndarray):
-                    np.copyto(master, ops.convert_to_numpy(ops.cast(variable, "float32")))
-                elif master is not None:
-                    master.assign(ops.cast(variable, "float32"))
+                if master is not None:
+                    _copy_into_master(master, variable)
         return True
 
     def get_weights(self) -> list[np.ndarray]:
@@ -863,6 +863,14 @@ def _peak_learning_rate(learning_rate: Any) -> float | None:
 # -- the host path ------------------------------------------------------------------
 
 
+def _copy_into_master(master: Any, variable: Any) -> None:
+    """``variable``'s values into its float32 master (a host array or a Keras variable)."""
+    if isinstance(master, np.ndarray):
+        np.copyto(master, ops.convert_to_numpy(ops.cast(variable, "float32")))
+    else:
+        master.assign(ops.cast(variable, "float32"))
+
+
 def _in_host_memory(x: Any) -> bool:
     return isinstance(x, (np.ndarray, host.QuantizedState))
 
@@ -893,11 +901,11 @@ def _shape_mismatch(layout: list[Any], arrays: list[np.ndarray], source: str) ->
 def _host_unsupported_reason(var_list: list[Any], offload_state: bool) -> str | None:
     """Why the host kernel cannot update these variables, or None."""
     backend = backends.current()
+    dtypes, _ = backend.host_dtypes(offload_state)
     for variable in var_list:
         path = _path(variable)
         if not isinstance(variable, keras.Variable):
             return f"Keras variables ({path} is a {type(variable).__name__})"
-        dtypes = backend.host_dtypes(offload_state)
         if _dtype(variable) not in dtypes:
             offloaded = " when offloaded" if offload_state else ""
             return (

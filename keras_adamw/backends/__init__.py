@@ -2,8 +2,8 @@
 
 A backend module has:
 
-- ``host_dtypes(offload_state) -> tuple[str, ...]``: the variable and state
-  dtypes its host path takes;
+- ``host_dtypes(offload_state) -> (variable dtypes, state dtypes)``: what
+  its host path takes;
 - ``unsupported_reason(variable, offload_state) -> str | None``: why the host
   kernel cannot update this Keras variable (of a ``host_dtypes`` dtype) here (its
   device, its distribution), or None when it can;

@@ -18,10 +18,12 @@ if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
 
 
-def host_dtypes(offload_state: bool) -> tuple[str, ...]:
-    """The variable and state dtypes the host path takes: 16-bit ones in the
-    custom call, float32 only for offloaded state (`xla.HostState`)."""
-    return ("float32",) if offload_state else ("float32", "bfloat16", "float16")
+def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(variable dtypes, state dtypes) the host path takes: 16-bit ones in
+    the custom call, float32 only for offloaded state (`xla.HostState`)."""
+    if offload_state:
+        return ("float32",), ("float32",)
+    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -129,50 +131,42 @@ class HostPath:
         step = ops.convert_to_tensor(optimizer.iterations + 1)
         lr = ops.cast(learning_rate, "float32")
         wd = ops.cast(optimizer.weight_decay, "float32")
-        masters = [optimizer._masters[i] for i in indices]
-        for (lr_factor, wd_factor), group in optimizer._groups(indices).items():
+        for lr_factor, wd_factor, copied, positions in optimizer._kernel_calls(indices):
             group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
-            for copied in (False, True):
-                positions = [k for k in group if (masters[k] is not None) == copied]
-                if not positions:
-                    continue
-                slots = [[slot[indices[k]] for k in positions] for slot in optimizer._slot_lists()]
-                written: dict[str, list[Any] | None] = {
-                    # With copies the call updates the masters and writes the variables.
-                    "params": [(masters[k] if copied else variables[k]) for k in positions],
-                    "exp_avgs": slots[0],
-                    "exp_avg_sqs": slots[1],
-                    "amsgrad_max": slots[2] if optimizer.amsgrad else None,
-                    "param_copies": [variables[k] for k in positions] if copied else None,
-                }
-                values = {
-                    name: None if targets is None else [v.value for v in targets]
-                    for name, targets in written.items()
-                }
-                params = values["params"] or []
-                stochastic = optimizer._rounds_stochastically([p.dtype for p in params], copied)
-                new = xla.adamw_update(
-                    step,
-                    group_lr,
-                    decay,
-                    params,
-                    [grads[k] for k in positions],
-                    values["exp_avgs"] or [],
-                    values["exp_avg_sqs"] or [],
-                    values["amsgrad_max"],
-                    beta_1=optimizer.beta_1,
-                    beta_2=optimizer.beta_2,
-                    epsilon=optimizer.epsilon,
-                    param_copies=values["param_copies"],
-                    rounding="stochastic" if stochastic else "nearest",
-                    seed=optimizer._rounding_seed() if stochastic else 0,
-                    **optimizer._kernel_options(),
-                )
-                for name, targets in written.items():
-                    for variable, value in zip(
-                        targets or [], getattr(new, name) or [], strict=True
-                    ):
-                        variable.assign(value)
+            slots = [[slot[indices[k]] for k in positions] for slot in optimizer._slot_lists()]
+            written = [variables[k] for k in positions]
+            # With masters the call updates the masters and writes the variables as copies.
+            targets = xla.Updated(
+                [optimizer._masters[indices[k]] for k in positions] if copied else written,
+                slots[0],
+                slots[1],
+                slots[2] if optimizer.amsgrad else None,
+                written if copied else None,
+            )
+            values = [None if group is None else [v.value for v in group] for group in targets]
+            params, exp_avgs, exp_avg_sqs, amsgrad_max, param_copies = values
+            assert params is not None and exp_avgs is not None and exp_avg_sqs is not None
+            stochastic = optimizer._rounds_stochastically([p.dtype for p in params], copied)
+            new = xla.adamw_update(
+                step,
+                group_lr,
+                decay,
+                params,
+                [grads[k] for k in positions],
+                exp_avgs,
+                exp_avg_sqs,
+                amsgrad_max,
+                beta_1=optimizer.beta_1,
+                beta_2=optimizer.beta_2,
+                epsilon=optimizer.epsilon,
+                param_copies=param_copies,
+                rounding="stochastic" if stochastic else "nearest",
+                seed=optimizer._rounding_seed() if stochastic else 0,
+                **optimizer._kernel_options(),
+            )
+            for group, new_values in zip(targets, new, strict=True):
+                for variable, value in zip(group or [], new_values or [], strict=True):
+                    variable.assign(value)
 
     def offloaded_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]

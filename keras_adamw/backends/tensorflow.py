@@ -35,13 +35,13 @@ if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
 
 
-def host_dtypes(offload_state: bool) -> tuple[str, ...]:
-    """The variable and state dtypes the host path takes: 16-bit ones in the
-    op of Keras-variable state; float32 in the op of offloaded state and in
-    tf.numpy_function (where the ops are unavailable)."""
+def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(variable dtypes, state dtypes) the host path takes: 16-bit ones in
+    the op of Keras-variable state; float32 in the op of offloaded state and
+    in tf.numpy_function (where the ops are unavailable)."""
     if offload_state or update_op() is None:
-        return ("float32",)
-    return ("float32", "bfloat16", "float16")
+        return ("float32",), ("float32",)
+    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:

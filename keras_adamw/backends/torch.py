@@ -15,10 +15,10 @@ if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
 
 
-def host_dtypes(offload_state: bool) -> tuple[str, ...]:
-    """The variable and state dtypes the host path takes (8-bit state as
+def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(variable dtypes, state dtypes) the host path takes (8-bit state as
     `host.QuantizedState` in host memory)."""
-    return ("float32", "bfloat16", "float16", "int8")
+    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16", "int8")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
