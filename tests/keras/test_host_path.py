@@ -79,11 +79,25 @@ def test_torch_offload_stages_accelerator_variables_through_host_buffers(name, m
 
     staged = []
     monkeypatch.setattr(module, "on_accelerator", lambda tensor: staged.append(tensor) or True)
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 10)  # a chunk per variable
     ops = apply_steps(AdamW(implementation="ops", **FEATURES[name]))
     offloaded = AdamW(offload_state=True, **FEATURES[name])
     on_host = apply_steps(offloaded)
     assert staged and offloaded._host_path.staging.buffers
     assert max_difference(on_host, ops) <= 1e-6
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's staging of accelerator variables")
+def test_torch_staging_chunks_cut_at_the_chunk_size_without_splitting_a_variable(monkeypatch):
+    import torch
+
+    from keras_adamw.backends import torch as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 10)
+    tensors = [torch.zeros(n) for n in [4, 4, 4, 30, 1, 9, 2]]
+    assert module.chunks([0, 1, 2, 3, 4, 5, 6], tensors) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert module.chunks([1, 3, 6], tensors) == [[1, 3], [6]]
+    assert module.chunks([], tensors) == []
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's host callback for offloaded state")

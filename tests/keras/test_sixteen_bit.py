@@ -359,6 +359,7 @@ def test_offloaded_steps_move_16_bit_gradients_and_weights_only(
     optimizer = AdamW(offload_state=True)
     reference = bfloat16_fit(AdamW(offload_state=True), x, y, make_model(dtype=dtype))
     monkeypatch.setattr(backend, "on_accelerator", lambda tensor: True)
+    monkeypatch.setattr(backend, "CHUNK_ELEMENTS", 100)  # several chunks, pipelined
     bfloat16_fit(optimizer, x, y, model)
     staging = optimizer._host_path.staging
     parameters = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
