@@ -21,7 +21,7 @@ the same schedule (warmup, cosine decay) and weight decay:
 - bf16 model, ours: float32 master weights (the default), float32 state;
 - bf16 model, ours + bf16 state: masters, m and v in bfloat16;
 - bf16 model, ours + int8 state: masters, m and v 8-bit block-wise (the host
-  kernel's, on torch; refused elsewhere);
+  kernel's, in host memory);
 - bf16 model, ours, stochastic: no masters, bf16 state, stochastic rounding;
 - bf16 model, ours, nearest: no masters, float32 state, rounded to nearest;
 - float32 model, ours + bf16 state.

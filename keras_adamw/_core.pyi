@@ -64,9 +64,13 @@ def xla_ffi_handler() -> Any:
     """The update as an XLA FFI handler (a PyCapsule) for jax.ffi.register_ffi_target."""
 
 def register_host_state(
-    exp_avgs: list[Any], exp_avg_sqs: list[Any], amsgrad_max: list[Any] | None = None
+    exp_avgs: list[Any],
+    exp_avg_sqs: list[Any],
+    amsgrad_max: list[Any] | None = None,
+    masters: list[Any] | None = None,
 ) -> int:
-    """Registers host arrays as state the XLA handler updates by reference; returns its id."""
+    """Registers host arrays as state the XLA handler and the TensorFlow op
+    update by reference (and float32 masters of 16-bit params); returns its id."""
 
 def unregister_host_state(id: int) -> None: ...
 def supported_simd_levels() -> list[str]: ...

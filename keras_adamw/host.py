@@ -223,8 +223,9 @@ class QuantizedState:
     @classmethod
     def from_float(cls, values: Any, *, moment: int) -> QuantizedState:
         """``values`` (moments) quantised."""
-        values = np.ascontiguousarray(values, np.float32)
-        state = cls(values.shape, moment=moment)
+        shape = np.shape(values)  # np.ascontiguousarray makes a 0-d array 1-d
+        values = np.ascontiguousarray(values, np.float32).reshape(shape)
+        state = cls(shape, moment=moment)
         _core.quantize(values, state.codes, state.scales, state.moment)
         return state
 
@@ -510,20 +511,29 @@ def _check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
 class HostState:
     """Optimizer state in host memory that a compiled step updates in place by
     reference (`keras_adamw.xla.adamw_update_host_state`, and the TensorFlow
-    op of offloaded state): lists of float32 NumPy arrays (C-contiguous,
-    aligned, writable), registered with the kernel while this object lives.
-    The step names the state by its id, so the arrays are never copied in or
-    out; a step run after the object is freed raises."""
+    op of offloaded state), registered with the kernel while this object
+    lives. The step names the state by its id, so the arrays are never
+    copied in or out; a step run after the object is freed raises.
+
+    The state lists hold float32 or bfloat16 NumPy arrays (C-contiguous,
+    aligned, writable) or `QuantizedState`; ``masters``, float32 arrays, make
+    the update run on them, the params the step is handed (bfloat16 or
+    float16) receiving their rounded copies."""
 
     def __init__(
         self,
         exp_avgs: Sequence[Any],
         exp_avg_sqs: Sequence[Any],
         amsgrad_max: Sequence[Any] | None = None,
+        masters: Sequence[Any] | None = None,
     ) -> None:
-        lists = [list(exp_avgs), list(exp_avg_sqs)]
-        lists += [list(amsgrad_max)] if amsgrad_max is not None else []
-        self.id = _core.register_host_state(*lists)
-        self.shapes = [np.shape(x) for x in lists[0]]
+        self.id = _core.register_host_state(
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            None if amsgrad_max is None else list(amsgrad_max),
+            None if masters is None else list(masters),
+        )
+        self.shapes = [tuple(x.shape) for x in exp_avgs]
         self.amsgrad = amsgrad_max is not None
+        self.masters = masters is not None
         weakref.finalize(self, _core.unregister_host_state, self.id)

@@ -90,7 +90,8 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             for float64 variables), ``"bfloat16"`` (half the memory) or
             ``"int8"`` (8-bit block-wise, `keras_adamw.host.QuantizedState`:
             about a quarter; host arrays that only the host kernel updates,
-            on torch). The update always computes in float32 (or float64)
+            so with masters, if any, in host memory too). The update
+            always computes in float32 (or float64)
             and rounds what it stores.
         stochastic_rounding: round stochastically (unbiased: steps below half
             a 16-bit step add up in expectation) where a 16-bit value is
@@ -316,13 +317,15 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
 
     def _new_master(self, variable: Any) -> Any:
         """A float32 copy of ``variable``: an optimizer variable, or a host
-        array when the state is offloaded."""
-        if self.offload_state:
-            master = np.empty(variable.shape, np.float32)
-        else:
-            master = self.add_variable_from_reference(variable, "master")
-        _copy_into_master(master, variable)
-        return master
+        array when the state is in host memory. Its value is read eagerly and
+        made the initial value: TF may build inside a traced step, where an
+        assignment would join the step's graph instead."""
+        value = backends.current().saved_value(variable).astype(np.float32)
+        if self._state_in_host_memory:
+            return value
+        return self.add_variable_from_reference(
+            variable, "master", initializer=lambda shape, dtype: value
+        )
 
     def _keeps_master(self, variable: Any) -> bool:
         return self.master_weights is not False and _dtype(variable) in rounding.SIXTEEN_BIT
@@ -390,8 +393,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
 
     def _resolve_implementation(self, var_list: list[Any]) -> bool:
         """Whether the update runs in the host kernel."""
-        reason = _host_unsupported_reason(var_list, self.offload_state)
-        _, state_dtypes = backends.current().host_dtypes(self.offload_state)
+        in_host_memory = self._state_in_host_memory
+        reason = _host_unsupported_reason(var_list, in_host_memory)
+        _, state_dtypes = backends.current().host_dtypes(in_host_memory)
         if self.state_dtype not in state_dtypes:
             where = "8-bit state is host memory" if self.state_dtype == "int8" else "runs on ops"
             reason = (
@@ -557,11 +561,14 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         slots: Sequence[Any],
         read_from: Sequence[Sequence[Any]] | None = None,
         copies: Sequence[Any] | None = None,
+        seed: Any = None,
     ) -> None:
         """The host kernel over aligned lists, one call per `_kernel_calls`
         entry (out of place from `read_from`'s lists when given). For a
         variable with a master, ``params`` holds the master and ``copies``
-        the variable's memory, which receives the new values rounded."""
+        the variable's memory, which receives the new values rounded.
+        ``seed``: stochastic rounding's, where the generator cannot be read
+        (a JAX host callback); by default read from it."""
         momenta, velocities, velocity_hats = slots
         for lr_factor, wd_factor, copied, positions in self._kernel_calls(indices):
             group_lr, decay = self._group_rates(lr, wd, lr_factor, wd_factor)
@@ -583,16 +590,18 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 if read_from is None
                 else [[xs[k] for k in positions] for xs in read_from],
                 param_copies=[copies[k] for k in positions] if copies and copied else None,
-                **self._rounding([params[k].dtype for k in positions], copied),
+                **self._rounding([params[k].dtype for k in positions], copied, seed),
                 **self._kernel_options(),
             )
 
-    def _rounding(self, dtypes: list[Any], copied: bool) -> dict[str, Any]:
+    def _rounding(self, dtypes: list[Any], copied: bool, seed: Any = None) -> dict[str, Any]:
         """The kernel's rounding of a call on params of these dtypes, with
-        or without copies (``seed`` read from the generator, eagerly)."""
+        or without copies (``seed``, if not given, read from the generator, eagerly)."""
         if not self._rounds_stochastically(dtypes, copied):
             return {}
-        seed = np.asarray(ops.convert_to_numpy(self._rounding_seed()))
+        if seed is None:
+            seed = self._rounding_seed()
+        seed = np.asarray(ops.convert_to_numpy(seed))
         return {"rounding": "stochastic", "seed": int(seed.astype(np.int64)) % 2**64}
 
     def _rounds_stochastically(self, dtypes: list[Any], copied: bool) -> bool:
@@ -866,7 +875,7 @@ def _peak_learning_rate(learning_rate: Any) -> float | None:
 def _copy_into_master(master: Any, variable: Any) -> None:
     """``variable``'s values into its float32 master (a host array or a Keras variable)."""
     if isinstance(master, np.ndarray):
-        np.copyto(master, ops.convert_to_numpy(ops.cast(variable, "float32")))
+        np.copyto(master, backends.current().saved_value(variable))
     else:
         master.assign(ops.cast(variable, "float32"))
 

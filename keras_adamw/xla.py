@@ -13,13 +13,17 @@ or bfloat16; with ``param_copies`` (16-bit arrays, such as a bfloat16 model's
 variables) the params are float32 masters and the copies receive their new
 values rounded to nearest, in the same pass.
 
-Offloaded state (`HostState`): m and v (and v̂) stay NumPy arrays that the
-step updates in place by reference, so only the parameters and gradients
-are operands, with no copies in or out:
+Offloaded state (`HostState`): m and v (and v̂) stay NumPy arrays (float32,
+bfloat16, or 8-bit `host.QuantizedState`) that the step updates in place by
+reference, so only the parameters and gradients are operands, with no copies
+in or out:
 
     state = xla.HostState(exp_avgs, exp_avg_sqs)
     params = xla.adamw_update_host_state(step, learning_rate, weight_decay,
                                          params, grads, state)
+
+With ``masters=`` (float32 arrays) in the state, the update runs on them and
+the call returns 16-bit params, their rounded copies.
 
 CPU only: the buffers must live in host memory. Imports JAX on first use, not
 before.
@@ -142,16 +146,27 @@ def adamw_update_host_state(
     weight_decay_mode: str = "coupled",
     decay_form: str | None = None,
     maximize: bool = False,
+    rounding: str = "nearest",
+    seed: Any = 0,
 ) -> list[Any]:
     """`adamw_update` with the state in `state`'s host arrays, updated in
-    place when the step runs; returns the new params. The call has a side
-    effect, so XLA neither drops nor merges it; inside `jax.lax.cond` it runs
-    only where its branch is taken."""
+    place when the step runs; returns the new params (with `state`'s masters:
+    the masters' rounded copies, in the params' 16-bit dtype). The call has a
+    side effect, so XLA neither drops nor merges it; inside `jax.lax.cond` it
+    runs only where its branch is taken."""
+    import jax.numpy as jnp
+
     params, grads = list(params), list(grads)
     _check_lists({"params": params, "grads": grads})
     shapes = [tuple(np.shape(p)) for p in params]
     if shapes != [tuple(s) for s in state.shapes]:
         raise ValueError(f"params have shapes {shapes} where state holds {state.shapes}")
+    for i, param in enumerate(params):
+        dtype = str(jnp.result_type(param))
+        if state.masters and dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"params[{i}] must be bfloat16 or float16 with masters, got {dtype}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     options = dict(
         beta_1=beta_1,
         beta_2=beta_2,
@@ -162,8 +177,10 @@ def adamw_update_host_state(
         maximize=bool(maximize),
         amsgrad=state.amsgrad,
         host_state=state.id,
+        stochastic=rounding == "stochastic",
     )
-    return list(_call([step, learning_rate, weight_decay], [params], grads, options))
+    scalars = [step, learning_rate, weight_decay] + ([seed] if rounding == "stochastic" else [])
+    return list(_call(scalars, [params], grads, options))
 
 
 def _call(

@@ -3,6 +3,7 @@
 
 use crate::aliasing::{find_overlap, Region};
 use crate::dtype::{q8, raw_slice_mut};
+use crate::host_state::Held;
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
 use crate::xla_ffi::panic_message;
 use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
@@ -81,25 +82,28 @@ impl<'py> ArrayList<'py> {
         format!("{}[{i}]", self.name)
     }
 
-    fn check_matches(&self, params: &ArrayList<'py>) -> PyResult<()> {
-        if self.arrays.len() != params.arrays.len() {
+    /// The same number of arrays as `other`, of the same shapes.
+    fn check_matches(&self, other: &ArrayList<'py>) -> PyResult<()> {
+        if self.arrays.len() != other.arrays.len() {
             return Err(invalid(
                 self.name.into(),
                 format!(
-                    "has {} arrays where params has {}",
+                    "has {} arrays where {} has {}",
                     self.arrays.len(),
-                    params.arrays.len()
+                    other.name,
+                    other.arrays.len()
                 ),
             ));
         }
-        for (i, (a, param)) in self.arrays.iter().zip(&params.arrays).enumerate() {
-            if a.array.shape() != param.array.shape() {
+        for (i, (a, b)) in self.arrays.iter().zip(&other.arrays).enumerate() {
+            if a.array.shape() != b.array.shape() {
                 return Err(invalid(
                     self.label(i),
                     format!(
-                        "has shape {:?} where params[{i}] has shape {:?}",
+                        "has shape {:?} where {} has shape {:?}",
                         a.array.shape(),
-                        param.array.shape()
+                        other.label(i),
+                        b.array.shape()
                     ),
                 ));
             }
@@ -794,38 +798,72 @@ fn xla_ffi_handler(py: Python<'_>) -> PyResult<Bound<'_, PyCapsule>> {
     unsafe { PyCapsule::new_with_pointer(py, pointer, c"keras_adamw._core.xla_ffi_handler") }
 }
 
-/// Registers float32 host arrays as state that the XLA handler updates by
-/// reference (`keras_adamw.xla.HostState`); returns its id.
+/// Registers host arrays as state that the XLA handler and the TensorFlow op
+/// update by reference (`keras_adamw.host.HostState`); returns its id. The
+/// state lists take float32, bfloat16 or 8-bit state; `masters` (float32)
+/// makes the params each call is handed their 16-bit copies.
 #[pyfunction]
-#[pyo3(signature = (exp_avgs, exp_avg_sqs, amsgrad_max=None))]
+#[pyo3(signature = (exp_avgs, exp_avg_sqs, amsgrad_max=None, masters=None))]
 fn register_host_state<'py>(
     exp_avgs: Objects<'py>,
     exp_avg_sqs: Objects<'py>,
     amsgrad_max: Option<Objects<'py>>,
+    masters: Option<Objects<'py>>,
 ) -> PyResult<u64> {
     let mut lists = vec![
-        ArrayList::new("exp_avgs", &exp_avgs, true, FLOAT32)?,
-        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true, FLOAT32)?,
+        ArrayList::new("exp_avgs", &exp_avgs, true, STATE)?,
+        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true, STATE)?,
     ];
     if let Some(objects) = amsgrad_max {
-        lists.push(ArrayList::new("amsgrad_max", &objects, true, FLOAT32)?);
+        lists.push(ArrayList::new("amsgrad_max", &objects, true, STATE)?);
     }
-    let buffers = lists
+    let masters = match masters {
+        Some(objects) => Some(ArrayList::new("masters", &objects, true, FLOAT32)?),
+        None => None,
+    };
+    for list in lists.iter().skip(1).chain(&masters) {
+        list.check_matches(&lists[0])?;
+    }
+    let held = |list: &ArrayList<'py>| -> Vec<Held> {
+        let buffers = list.arrays.iter().map(|a| Held {
+            dtype: a.dtype,
+            data: data(&a.array) as usize,
+            scales: a.scales.as_ref().map_or(0, |s| data(s) as usize),
+            len: a.array.len(),
+        });
+        buffers.collect()
+    };
+    let (held_lists, held_masters) = (
+        lists.iter().map(held).collect::<Vec<_>>(),
+        masters.as_ref().map(held),
+    );
+    let regions: Vec<_> = lists
         .iter()
-        .map(|list| {
-            let buffers = list
-                .arrays
+        .chain(&masters)
+        .zip(held_lists.iter().chain(&held_masters))
+        .flat_map(|(list, buffers)| {
+            buffers
                 .iter()
-                .map(|a| (data(&a.array) as usize, a.array.len()));
-            buffers.collect()
+                .enumerate()
+                .flat_map(move |(i, b)| b.regions(list.label(i)))
         })
         .collect();
+    if let Some((a, b)) = find_overlap(&regions) {
+        return Err(invalid(b, format!("shares memory with {a}")));
+    }
     let owner: Vec<Py<PyUntypedArray>> = lists
         .into_iter()
+        .chain(masters)
         .flat_map(|list| list.arrays)
-        .map(|a| a.array.unbind())
+        .flat_map(|a| [Some(a.array), a.scales])
+        .flatten()
+        .map(Bound::unbind)
         .collect();
-    Ok(host_state::register(buffers, Box::new(owner)))
+    Ok(host_state::register(
+        held_lists,
+        held_masters,
+        Box::new(owner),
+    ))
 }
 
 /// Unregisters a `register_host_state` id; a step running on it keeps its buffers until it ends.

@@ -30,7 +30,6 @@ use crate::xla_ffi::panic_message;
 use crate::{host_state, in_flight, parallel, simd, Rounding, Sources, TensorSlices};
 use crate::{DType, Elements, ElementsRef};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::mem::size_of;
 use std::sync::{Mutex, OnceLock};
 
 pub const OP_NAME: &str = "KerasAdamwUpdate";
@@ -286,20 +285,23 @@ unsafe fn register_host_state_op(api: &'static Api) -> Result<(), String> {
     unsafe {
         let op = (api.new_op)(name.as_ptr());
         for input in [
-            c"params: float",
-            c"grads: float",
+            c"params: Tparams",
+            c"grads: Tgrads",
             c"step: int64",
             c"rates: double",
         ] {
             (api.add_input)(op, input.as_ptr());
         }
-        (api.add_output)(op, c"new_params: float".as_ptr());
+        (api.add_output)(op, c"new_params: Tparams".as_ptr());
         for attr in [
             c"host_state: int",
+            c"Tparams: {float, bfloat16, half} = DT_FLOAT",
+            c"Tgrads: {float, bfloat16, half} = DT_FLOAT",
             c"epsilon_mode: string",
             c"weight_decay_mode: string",
             c"decay_form: string = ''",
             c"maximize: bool = false",
+            c"stochastic: bool = false",
         ] {
             (api.add_attr)(op, attr.as_ptr());
         }
@@ -435,11 +437,9 @@ unsafe fn read_options(
     status.check("maximize")?;
     let decay_form = text(c"decay_form")?;
     let mut stochastic = 0u8;
-    if !host_state {
-        // SAFETY: the caller's contract; TF writes one byte.
-        unsafe { (api.attr_bool)(ctx, c"stochastic".as_ptr(), &mut stochastic, status.raw) };
-        status.check("stochastic")?;
-    }
+    // SAFETY: the caller's contract; TF writes one byte.
+    unsafe { (api.attr_bool)(ctx, c"stochastic".as_ptr(), &mut stochastic, status.raw) };
+    status.check("stochastic")?;
     let host_state = if host_state {
         let mut id = 0i64;
         // SAFETY: the caller's contract; TF writes one int64.
@@ -747,7 +747,8 @@ fn step_constants(
 }
 
 /// `KerasAdamwUpdateHostState`: new params out of place, the registered
-/// host state in place.
+/// host state in place. With host masters, the update runs on the master and
+/// the new params are its rounded copy (the params input is not read).
 ///
 /// # Safety
 /// As for `run`.
@@ -759,79 +760,101 @@ unsafe fn run_host_state(
 ) -> Result<(), String> {
     let call = Call::new(api, ctx);
     let (params, grads) = (call.input(0)?, call.input(1)?);
-    let (constants, _) = step_constants(options, &call.input(2)?, &call.input(3)?)?;
+    let (constants, rounding) = step_constants(options, &call.input(2)?, &call.input(3)?)?;
     let dims = check_inputs([("params", &params), ("grads", &grads)])?;
-    if params.dtype()? != DType::F32 || grads.dtype()? != DType::F32 {
-        return Err("params and grads must be float32 with host state".into());
-    }
     let len = params.len();
     let state = host_state::lookup(id)
         .ok_or_else(|| format!("host_state {id} is not registered (its HostState was freed)"))?;
-    for (list, buffers) in WRITTEN[1..].iter().zip(&state.lists) {
-        match buffers.as_slice() {
-            [(_, held)] if *held == len => {}
+    let names = state.masters.iter().map(|_| "masters");
+    let names = names.chain(WRITTEN[1..].iter().copied());
+    for (name, list) in names.zip(state.masters.iter().chain(&state.lists)) {
+        match list.as_slice() {
+            [held] if held.len == len => {}
             _ => {
                 return Err(format!(
-                    "host_state {id} holds {list} of {:?} floats where params has {len}",
-                    buffers.iter().map(|b| b.1).collect::<Vec<_>>()
+                    "host_state {id} holds {name} of {:?} elements where params has {len}",
+                    list.iter().map(|b| b.len).collect::<Vec<_>>()
                 ))
             }
         }
     }
+    let (params_dtype, masters) = (params.dtype()?, state.masters.as_ref().map(|m| m[0]));
+    if masters.is_some() && params_dtype == DType::F32 {
+        return Err(format!(
+            "params must be bfloat16 or float16 with host_state {id}'s masters"
+        ));
+    }
     let level = simd::active_level().map_err(|e| e.to_string())?;
-    let output = call.allocate(0, &dims, DType::F32, "params")?;
+    let output = call.allocate(0, &dims, params_dtype, "params")?;
 
-    let bytes = len * size_of::<f32>();
-    let region = |start: usize, written: bool, label: &'static str| Region {
-        start,
-        len_bytes: bytes,
-        written,
-        label,
+    let region = |t: &TensorRef<'_>, written: bool, label: &'static str| -> Result<_, String> {
+        Ok(Region {
+            start: t.data() as usize,
+            len_bytes: len * t.dtype()?.size(),
+            written,
+            label,
+        })
     };
     let mut regions = vec![
-        region(grads.data() as usize, false, "grads"),
-        region(params.data() as usize, false, "params"),
-        region(output.data() as usize, true, "params"),
+        region(&grads, false, "grads")?,
+        region(&params, false, "params")?,
+        region(&output, true, "params")?,
     ];
-    for (list, buffers) in WRITTEN[1..].iter().zip(&state.lists) {
-        regions.push(region(buffers[0].0, true, list));
+    let names = state.masters.iter().map(|_| "masters");
+    for (name, list) in names
+        .chain(WRITTEN[1..].iter().copied())
+        .zip(state.masters.iter().chain(&state.lists))
+    {
+        regions.extend(list[0].regions(name));
     }
     if let Some((a, b)) = find_overlap(&regions) {
         return Err(format!("host_state {id}'s {b} shares memory with {a}"));
     }
     // Waits for any other call on the same host state.
     let _claim = in_flight::claim(&regions);
-    let read = |start: *mut c_void| -> &[f32] {
-        if len == 0 {
-            return &[];
-        }
-        // SAFETY: an aligned float32 buffer of `len` elements that nothing writes during the call (claimed).
-        unsafe { std::slice::from_raw_parts(start.cast(), len) }
+    let read = |t: &TensorRef<'_>| -> Result<ElementsRef<'_>, String> {
+        // SAFETY: an aligned buffer of `len` elements of its dtype (checked) that nothing writes during the call (claimed).
+        Ok(unsafe { ElementsRef::from_raw(t.dtype()?, t.data().cast(), len) })
     };
-    let write = |start: usize| -> &mut [f32] {
-        if len == 0 {
-            return &mut [];
-        }
-        // SAFETY: `len` floats, written by this call alone: a fresh output, or
-        // registered host state that overlaps nothing else (checked) and is claimed.
-        unsafe { std::slice::from_raw_parts_mut(start as *mut f32, len) }
+    // SAFETY: a fresh output of `len` elements of its dtype, overlapping nothing else.
+    let new_params = unsafe { Elements::from_raw(params_dtype, output.data().cast(), len) };
+    // SAFETY: registered state, alive while `state` is; it overlaps nothing
+    // else in the call (checked) and no other call (claimed).
+    let held = |list: usize| {
+        state
+            .lists
+            .get(list)
+            .map(|buffers| unsafe { buffers[0].elements() })
     };
-    let from = Sources {
-        params: ElementsRef::F32(read(params.data())),
-        exp_avg: None,
-        exp_avg_sq: None,
-        max_exp_avg_sq: None,
+    // With masters the kernel updates the master and writes the new params as its copy.
+    let (updated, copy) = match masters {
+        // SAFETY: as for `held`.
+        Some(master) => (unsafe { master.elements() }, Some(new_params)),
+        None => (new_params, None),
     };
-    let held = |list: usize| state.lists.get(list).map(|buffers| write(buffers[0].0));
-    let to = TensorSlices::new(
-        write(output.data() as usize),
-        read(grads.data()),
+    let mut tensor = TensorSlices::of_elements(
+        updated,
+        read(&grads)?,
         held(0).expect("exp_avgs"),
         held(1).expect("exp_avg_sqs"),
         held(2),
     )
     .map_err(|e| e.to_string())?;
-    parallel::adamw_step_from(vec![(from, to)], &constants, Rounding::Nearest, level);
+    match copy {
+        Some(copy) => {
+            tensor = tensor.with_param_copy(copy).map_err(|e| e.to_string())?;
+            parallel::adamw_step(vec![tensor], &constants, rounding, level);
+        }
+        None => {
+            let from = Sources {
+                params: read(&params)?,
+                exp_avg: None,
+                exp_avg_sq: None,
+                max_exp_avg_sq: None,
+            };
+            parallel::adamw_step_from(vec![(from, tensor)], &constants, rounding, level);
+        }
+    }
     Ok(())
 }
 

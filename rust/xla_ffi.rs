@@ -20,6 +20,7 @@
 //! a bad call returns an XLA error, which JAX raises.
 
 use crate::aliasing::{find_overlap, Region};
+use crate::host_state::Held;
 use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument};
 use crate::{host_state, in_flight, parallel, simd, Rounding, TensorSlices};
 use crate::{DType, Elements, ElementsRef};
@@ -524,6 +525,12 @@ fn flag(attrs: &[(String, Attr)], name: &str) -> Result<bool, InvalidArgument> {
     }
 }
 
+/// One tensor's buffer of a written list: XLA's operand and result, or host state's.
+enum Slot {
+    Xla(Tensor, Tensor),
+    Held(Held),
+}
+
 /// # Safety
 /// `frame` must be valid.
 unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
@@ -573,9 +580,17 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
                     ),
                 ));
             }
+            if state.masters.is_some() && copies {
+                return Err(invalid(
+                    "param_copies",
+                    "must not be set with host_state's masters: the params are their copies",
+                ));
+            }
             Some(state)
         }
     };
+    // With host masters, the params operands are 16-bit and only their results are written.
+    let host_masters = host_state.as_ref().is_some_and(|s| s.masters.is_some());
     let (operand_lists, result_lists) = match host_state {
         Some(_) => (2, 1),
         None => (lists + 1, lists),
@@ -626,9 +641,8 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
     // Operand lists in order: params, grads, then the written state lists.
     let operand_index = |list: usize, i: usize| scalars + list * n + i;
     let mut grads = Vec::with_capacity(n);
-    let mut written: Vec<Vec<(Tensor, Tensor)>> =
-        (0..lists).map(|_| Vec::with_capacity(n)).collect();
-    let mut param_copies = Vec::with_capacity(if copies { n } else { 0 });
+    let mut written: Vec<Vec<Slot>> = (0..lists).map(|_| Vec::with_capacity(n)).collect();
+    let mut param_copies = Vec::with_capacity(if copies || host_masters { n } else { 0 });
     for i in 0..n {
         // SAFETY: indices are within the counted sizes.
         let (params, grad) = unsafe {
@@ -637,7 +651,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
                     &frame.args,
                     operand_index(0, i),
                     &format!("params[{i}]"),
-                    FLOATS,
+                    if host_masters { HALVES } else { FLOATS },
                 )?,
                 tensor(
                     &frame.args,
@@ -658,28 +672,40 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
             )),
         };
         same_shape(&grad, format!("grads[{i}]"))?;
+        if let Some(state) = &host_state {
+            let names = state.masters.iter().map(|_| "masters");
+            let names = names.chain(WRITTEN_LISTS[1..lists].iter().copied());
+            for (name, list) in names.zip(state.masters.iter().chain(&state.lists)) {
+                match list.get(i) {
+                    Some(held) if list.len() == n && held.len == params.len => {}
+                    held => {
+                        return Err(invalid(
+                            format!("host_state's {name}[{i}]"),
+                            format!(
+                                "holds {} elements in a list of {} where params[{i}] \
+                                 holds {} in a list of {n}",
+                                held.map_or(0, |h| h.len),
+                                list.len(),
+                                params.len
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
         for (list, name) in WRITTEN_LISTS[..lists].iter().enumerate() {
             let label = format!("{name}[{i}]");
-            if let (Some(state), true) = (&host_state, list > 0) {
-                let (address, len) = state.lists[list - 1].get(i).copied().unwrap_or((0, 0));
-                let buffers = state.lists[list - 1].len();
-                if buffers != n || len != params.len {
-                    return Err(invalid(
-                        format!("host_state's {label}"),
-                        format!(
-                            "holds {len} floats in a list of {buffers} where params[{i}] \
-                             holds {} in a list of {n}",
-                            params.len
-                        ),
-                    ));
+            if let Some(state) = &host_state {
+                match (list, &state.masters) {
+                    (0, Some(masters)) => written[0].push(Slot::Held(masters[i])),
+                    (0, None) => {}
+                    _ => {
+                        written[list].push(Slot::Held(state.lists[list - 1][i]));
+                        continue;
+                    }
                 }
-                let held = || Tensor {
-                    data: address as *mut u8,
-                    dtype: DType::F32,
-                    dims: params.dims.clone(),
-                    len,
-                };
-                written[list].push((held(), held()));
+            }
+            if list == 0 && host_masters {
                 continue;
             }
             let (operand, allowed) = match list {
@@ -705,13 +731,28 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
                     ),
                 ));
             }
-            written[list].push((input, result));
+            written[list].push(Slot::Xla(input, result));
         }
-        if copies {
+        if copies || host_masters {
             let label = format!("param_copies[{i}]");
+            let index = if host_masters {
+                i
+            } else {
+                (result_lists - 1) * n + i
+            };
             // SAFETY: indices are within the counted sizes.
-            let copy = unsafe { tensor(&frame.rets, (result_lists - 1) * n + i, &label, HALVES)? };
-            same_shape(&copy, label)?;
+            let copy = unsafe { tensor(&frame.rets, index, &label, HALVES)? };
+            same_shape(&copy, label.clone())?;
+            if host_masters && copy.dtype != params.dtype {
+                return Err(invalid(
+                    label,
+                    format!(
+                        "is {} where params[{i}] is {}",
+                        copy.dtype.name(),
+                        params.dtype.name()
+                    ),
+                ));
+            }
             param_copies.push(copy);
         }
         grads.push(grad);
@@ -729,11 +770,16 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         .enumerate()
         .map(|(i, g)| region(g, false, (usize::MAX, i)))
         .collect();
-    for (list, pairs) in written.iter().enumerate() {
-        for (i, (input, result)) in pairs.iter().enumerate() {
-            regions.push(region(result, true, (list, i)));
-            if input.data != result.data {
-                regions.push(region(input, false, (list, i)));
+    for (list, slots) in written.iter().enumerate() {
+        for (i, slot) in slots.iter().enumerate() {
+            match slot {
+                Slot::Xla(input, result) => {
+                    regions.push(region(result, true, (list, i)));
+                    if input.data != result.data {
+                        regions.push(region(input, false, (list, i)));
+                    }
+                }
+                Slot::Held(held) => regions.extend(held.regions((list, i))),
             }
         }
     }
@@ -754,14 +800,21 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
 
     let _claim = in_flight::claim(&regions);
     // Checked: every result is a distinct buffer of its params' length and its input's dtype.
-    let mut columns = written.into_iter().map(|pairs| {
-        pairs.into_iter().map(|(input, result)| {
-            if input.data != result.data && result.len > 0 {
-                // SAFETY: both buffers hold `bytes()` bytes and do not overlap (checked).
-                unsafe { std::ptr::copy_nonoverlapping(input.data, result.data, result.bytes()) };
+    let mut columns = written.into_iter().map(|slots| {
+        slots.into_iter().map(|slot| match slot {
+            Slot::Xla(input, result) => {
+                if input.data != result.data && result.len > 0 {
+                    // SAFETY: both buffers hold `bytes()` bytes and do not overlap (checked).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(input.data, result.data, result.bytes())
+                    };
+                }
+                // SAFETY: XLA's buffer for the call; no other buffer overlaps it (checked).
+                unsafe { Elements::from_raw(result.dtype, result.data, result.len) }
             }
-            // SAFETY: XLA's buffer for the call; no other buffer overlaps it (checked).
-            unsafe { Elements::from_raw(result.dtype, result.data, result.len) }
+            // SAFETY: registered state, kept alive by `host_state`; it overlaps
+            // nothing else in the call (checked) and no other call (claimed).
+            Slot::Held(held) => unsafe { held.elements() },
         })
     });
     let params = columns.next().expect("params");

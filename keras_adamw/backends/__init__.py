@@ -3,7 +3,8 @@
 A backend module has:
 
 - ``host_dtypes(offload_state) -> (variable dtypes, state dtypes)``: what
-  its host path takes;
+  its host path takes (``offload_state``, here and below: whether the state
+  is host memory of ours, offloaded or 8-bit);
 - ``unsupported_reason(variable, offload_state) -> str | None``: why the host
   kernel cannot update this Keras variable (of a ``host_dtypes`` dtype) here (its
   device, its distribution), or None when it can;

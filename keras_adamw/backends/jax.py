@@ -19,11 +19,9 @@ if TYPE_CHECKING:
 
 
 def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(variable dtypes, state dtypes) the host path takes: 16-bit ones in
-    the custom call, float32 only for offloaded state (`xla.HostState`)."""
-    if offload_state:
-        return ("float32",), ("float32",)
-    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16")
+    """(variable dtypes, state dtypes) the host path takes, in the custom
+    call (8-bit state as `host.QuantizedState` in host memory)."""
+    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16", "int8")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -114,7 +112,7 @@ class HostPath:
     def update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
     ) -> None:
-        if self.optimizer.offload_state:
+        if self.optimizer._state_in_host_memory:
             self.offloaded_update_step(grads, variables, learning_rate, indices)
         else:
             self.kernel_update_step(grads, variables, learning_rate, indices)
@@ -183,45 +181,53 @@ class HostPath:
     def host_state_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
     ) -> None:
+        """One custom call per `_kernel_calls` entry on its registered host
+        state; a call with masters updates them and returns the variables'
+        rounded copies."""
         import jax
 
         optimizer = self.optimizer
         step = ops.convert_to_tensor(optimizer.iterations + 1)
         lr = ops.cast(learning_rate, "float32")
         wd = ops.cast(optimizer.weight_decay, "float32")
-        slots = optimizer._slots(indices)
-        for (lr_factor, wd_factor), positions in optimizer._groups(indices).items():
+        for lr_factor, wd_factor, copied, positions in optimizer._kernel_calls(indices):
             group_lr, decay = optimizer._group_rates(lr, wd, lr_factor, wd_factor)
-            state = self.host_state(positions, indices, slots)
+            params = [variables[k].value for k in positions]
+            stochastic = optimizer._rounds_stochastically([p.dtype for p in params], copied)
             update = functools.partial(
                 xla.adamw_update_host_state,
                 step,
                 group_lr,
                 decay,
-                state=state,
+                state=self.host_state([indices[k] for k in positions]),
                 beta_1=optimizer.beta_1,
                 beta_2=optimizer.beta_2,
                 epsilon=optimizer.epsilon,
+                rounding="stochastic" if stochastic else "nearest",
+                seed=optimizer._rounding_seed() if stochastic else 0,
                 **optimizer._kernel_options(),
             )
-            params = [variables[k].value for k in positions]
-            group_grads = [ops.cast(grads[k], "float32") for k in positions]
             # JAX computes the update on every step and discards it between
             # accumulation boundaries; host state must not see those steps.
             keep = lambda params, grads: list(params)  # noqa: E731
+            group_grads = [grads[k] for k in positions]
             new_params = jax.lax.cond(applies_now(optimizer), update, keep, params, group_grads)
             for k, value in zip(positions, new_params, strict=True):
                 variables[k].assign(value)
 
-    def host_state(self, positions: list[int], indices: list[int], slots: Any) -> xla.HostState:
-        """The registered host state of these variables' slots, made once."""
-        key = tuple(indices[k] for k in positions)
+    def host_state(self, indices: list[int]) -> xla.HostState:
+        """The registered host state (slots, and masters if any) of these variables, made once."""
+        key = tuple(indices)
         if key not in self.host_states:
-            momenta, velocities, velocity_hats = (
-                None if slot is None else [slot[k] for k in positions] for slot in slots
+            optimizer = self.optimizer
+            momenta, velocities, velocity_hats = optimizer._slots(indices)
+            masters = [optimizer._masters[i] for i in indices]
+            self.host_states[key] = xla.HostState(
+                momenta,
+                velocities,
+                velocity_hats,
+                masters=None if masters[0] is None else masters,
             )
-            assert momenta is not None and velocities is not None
-            self.host_states[key] = xla.HostState(momenta, velocities, velocity_hats)
         return self.host_states[key]
 
     def callback_update_step(
@@ -234,19 +240,35 @@ class HostPath:
         applies = applies_now(optimizer)
 
         def offloaded(
-            applies: Any, step: Any, lr: Any, wd: Any, params: list[Any], grads: list[Any]
+            applies: Any,
+            step: Any,
+            lr: Any,
+            wd: Any,
+            seed: Any,
+            params: list[Any],
+            grads: list[Any],
         ) -> list[np.ndarray]:
             params = [np.array(p) for p in params]  # writable copies
             if applies:
                 grads = [np.asarray(g) for g in grads]
-                slots = optimizer._slots(indices)
+                masters = [optimizer._masters[i] for i in indices]
                 optimizer._run_kernel(
-                    int(step), float(lr), float(wd), indices, params, grads, slots
+                    int(step),
+                    float(lr),
+                    float(wd),
+                    indices,
+                    [p if m is None else m for p, m in zip(params, masters, strict=True)],
+                    grads,
+                    optimizer._slots(indices),
+                    copies=[None if m is None else p for p, m in zip(params, masters, strict=True)],
+                    seed=seed,
                 )
             return params
 
         params = [variable.value for variable in variables]
-        scalars = (optimizer.iterations + 1, learning_rate, optimizer.weight_decay)
+        # The generator's state is read here: a callback cannot read a traced variable.
+        seed = optimizer._rounding_seed() if optimizer.stochastic_rounding else 0
+        scalars = (optimizer.iterations + 1, learning_rate, optimizer.weight_decay, seed)
         new_params = io_callback(
             offloaded,
             [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params],  # type: ignore[no-untyped-call]

@@ -4,10 +4,10 @@ The kernel runs as a TensorFlow op, `KerasAdamwUpdate` (rust/tensorflow_op.rs),
 registered through TensorFlow's C API on first use: one op per variable reads
 the variable's value (or its float32 master), its slots and its gradient, of
 float32 or 16-bit dtypes, and writes the new values in one pass into tensors
-that TF allocates and the variables then adopt, without a copy. Offloaded
-state (host arrays of ours, float32) goes to its sibling,
-`KerasAdamwUpdateHostState`, which updates the arrays in place by reference
-(`host.HostState`) and writes only the new parameters. A TensorFlow whose C
+that TF allocates and the variables then adopt, without a copy. State in
+host memory (offloaded, or 8-bit; with float32 masters of 16-bit variables)
+goes to its sibling, `KerasAdamwUpdateHostState`, which updates the arrays in
+place by reference (`host.HostState`) and writes only the new parameters. A TensorFlow whose C
 API the ops cannot find takes a `tf.numpy_function` instead.
 Under a MirroredStrategy over CPU devices, each replica's copy is updated by
 the op on its device. XLA compiles neither, so under `jit_compile=True`
@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 
 
 def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(variable dtypes, state dtypes) the host path takes: 16-bit ones in
-    the op of Keras-variable state; float32 in the op of offloaded state and
-    in tf.numpy_function (where the ops are unavailable)."""
-    if offload_state or update_op() is None:
+    """(variable dtypes, state dtypes) the host path takes: 16-bit ones and
+    8-bit state (host memory) in the ops; float32 in tf.numpy_function
+    (where the ops are unavailable)."""
+    if update_op() is None:
         return ("float32",), ("float32",)
-    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16")
+    return ("float32", "bfloat16", "float16"), ("float32", "bfloat16", "int8")
 
 
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
@@ -70,8 +70,12 @@ def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
 
 
 def saved_value(variable: Any) -> np.ndarray:
-    """A Keras variable's value as the NumPy array a `.keras` file stores."""
-    return np.asarray(variable.numpy())
+    """A Keras variable's value as the NumPy array a `.keras` file stores
+    (read eagerly, also where `build` runs inside a traced step)."""
+    import tensorflow as tf
+
+    with tf.init_scope():
+        return np.asarray(variable.numpy())
 
 
 def dense(gradient: Any) -> Any:
@@ -103,7 +107,7 @@ class HostPath:
         """XLA cannot compile the host path: "auto" then takes the ops path,
         which shares the slot variables (offloaded state has none)."""
         optimizer = self.optimizer
-        automatic = optimizer.implementation == "auto" and not optimizer.offload_state
+        automatic = optimizer.implementation == "auto" and not optimizer._state_in_host_memory
         return automatic and compiles_with_xla()
 
     def ops_update_step(
@@ -124,10 +128,11 @@ class HostPath:
             )
         import tensorflow as tf
 
-        op = host_state_op() if self.optimizer.offload_state else update_op()
+        in_host_memory = self.optimizer._state_in_host_memory
+        op = host_state_op() if in_host_memory else update_op()
         if op is None:
             self.numpy_function_step(grads, variables, learning_rate, indices)
-        elif self.optimizer.offload_state:
+        elif in_host_memory:
             self.host_state_op_step(op, grads, variables, learning_rate, indices)
         elif tf.distribute.has_strategy():
             self.distributed_op_step(op, grads, variables, learning_rate, indices)
@@ -232,31 +237,42 @@ class HostPath:
         learning_rate: Any,
         indices: list[int],
     ) -> None:
-        """Offloaded state: per variable, the op updates its host arrays in
-        place and returns only the new parameters, which the variable adopts."""
+        """State in host memory: per variable, the op updates its host arrays
+        (and master) in place and returns only the new parameters (the
+        master's rounded copy), which the variable adopts."""
         import tensorflow as tf
 
         optimizer = self.optimizer
         step = tf.cast(optimizer.iterations + 1, tf.int64)
-        slots = optimizer._slots(indices)
         for rates, positions in self.group_rates(learning_rate, indices):
             for k in positions:
-                if indices[k] not in self.host_states:
-                    momenta, velocities, velocity_hats = slots
-                    self.host_states[indices[k]] = HostState(
-                        [momenta[k]],
-                        [velocities[k]],
-                        None if velocity_hats is None else [velocity_hats[k]],
-                    )
+                variable, master = variables[k], optimizer._masters[indices[k]]
+                stochastic = optimizer._rounds_stochastically([variable.dtype], master is not None)
+                seed = tf.cast(optimizer._rounding_seed(), tf.float64) if stochastic else None
                 new_params = op(
-                    params=variables[k].value,
-                    grads=tf.cast(grads[k], tf.float32),
+                    params=variable.value,
+                    grads=tf.cast(grads[k], variable.dtype),
                     step=step,
-                    rates=rates,
-                    host_state=self.host_states[indices[k]].id,
+                    rates=rates if seed is None else tf.concat([rates, [seed]], 0),
+                    host_state=self.host_state(indices[k]).id,
+                    stochastic=stochastic,
                     **optimizer._kernel_options(),
                 )
-                optimizer.assign(variables[k], new_params)
+                optimizer.assign(variable, new_params)
+
+    def host_state(self, index: int) -> HostState:
+        """The registered host state (slots, and master if any) of variable ``index``, made once."""
+        if index not in self.host_states:
+            optimizer = self.optimizer
+            momentum, velocity, *velocity_hat = (s[index] for s in optimizer._slot_lists())
+            master = optimizer._masters[index]
+            self.host_states[index] = HostState(
+                [momentum],
+                [velocity],
+                velocity_hat or None,
+                masters=None if master is None else [master],
+            )
+        return self.host_states[index]
 
     def numpy_function_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
@@ -265,7 +281,7 @@ class HostPath:
 
         optimizer = self.optimizer
         n = len(variables)
-        offloaded = optimizer.offload_state
+        offloaded = optimizer._state_in_host_memory
         state = [] if offloaded else [s[i] for s in optimizer._slot_lists() for i in indices]
         written = list(variables) + state
 

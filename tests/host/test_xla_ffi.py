@@ -311,6 +311,103 @@ def test_host_state_is_updated_by_reference_bitwise_like_the_host_kernel(amsgrad
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+HOST_STATE_SIXTEEN_BIT = {
+    "bfloat16 params, masters, bfloat16 state": ("bfloat16", True, "bfloat16", "nearest"),
+    "float16 params, masters, int8 state, amsgrad": ("float16", True, "int8", "nearest"),
+    "bfloat16 params, stochastic, int8 state": ("bfloat16", False, "int8", "stochastic"),
+    "float32 params, bfloat16 state, stochastic": ("float32", False, "bfloat16", "stochastic"),
+}
+
+
+@pytest.mark.parametrize(
+    ("params_dtype", "masters", "state_dtype", "rounding"),
+    HOST_STATE_SIXTEEN_BIT.values(),
+    ids=HOST_STATE_SIXTEEN_BIT.keys(),
+)
+def test_host_state_of_sixteen_bit_params_and_compact_state_matches_the_host_kernel(
+    params_dtype, masters, state_dtype, rounding
+):
+    """Host state holds bfloat16 or 8-bit moments, and float32 masters whose
+    rounded copies the call returns as the 16-bit params: bitwise as
+    `host.adamw_update` with ``param_copies``."""
+    import ml_dtypes
+
+    def dtype(name):
+        return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+    def state_of(values, moment):
+        if state_dtype == "int8":
+            return [host.QuantizedState.from_float(x, moment=moment) for x in values]
+        return [x.astype(dtype(state_dtype)) for x in values]
+
+    a = arrays(7)
+    amsgrad = params_dtype == "float16"
+    grads = [x.astype(dtype(params_dtype)) for x in a["grads"]]
+    expected_masters = [x.copy() for x in a["params"]] if masters else None
+    expected = dict(
+        params=expected_masters or [x.astype(dtype(params_dtype)) for x in a["params"]],
+        exp_avgs=state_of(a["exp_avgs"], 1),
+        exp_avg_sqs=state_of(a["exp_avg_sqs"], 2),
+        amsgrad_max=state_of(a["amsgrad_max"], 2) if amsgrad else None,
+    )
+    copies = [x.astype(dtype(params_dtype)) for x in a["params"]] if masters else None
+    # The host state: the moments, and the masters when the params are their copies.
+    held = {
+        k: [x.copy() for x in v]
+        for k, v in expected.items()
+        if v is not None and (k != "params" or masters)
+    }
+    state = xla.HostState(
+        held["exp_avgs"],
+        held["exp_avg_sqs"],
+        held.get("amsgrad_max"),
+        masters=held.get("params") if masters else None,
+    )
+
+    def step(t, params, grads):
+        return xla.adamw_update_host_state(
+            t, 1e-2, 0.05, params, grads, state, rounding=rounding, seed=jnp.uint32(9)
+        )
+
+    run = jax.jit(step, donate_argnums=1)
+    params = [jnp.asarray(x.copy()) for x in (copies or expected["params"])]  # JAX may alias x
+    for t in range(1, 4):
+        params = run(t, params, [jnp.asarray(g) for g in grads])
+        host.adamw_update(
+            expected["params"],
+            grads,
+            expected["exp_avgs"],
+            expected["exp_avg_sqs"],
+            amsgrad_max=expected["amsgrad_max"],
+            step=t,
+            learning_rate=float(np.float32(1e-2)),
+            weight_decay=float(np.float32(0.05)),
+            param_copies=copies,
+            rounding=rounding,
+            seed=9,
+        )
+    for got, want in zip(params, copies or expected["params"], strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), want)
+    for name in held:
+        for got, want in zip(held[name], expected[name], strict=True):
+            if state_dtype == "int8" and name != "params":
+                got, want = got.codes, want.codes
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+
+
+def test_host_state_of_masters_refuses_float32_params_and_copies():
+    a = arrays(8, [(3, 4)])
+    state = xla.HostState(a["exp_avgs"], a["exp_avg_sqs"], masters=a["params"])
+    params = [jnp.asarray(a["params"][0])]
+    with pytest.raises(ValueError, match=r"params\[0\] must be bfloat16 or float16 with masters"):
+        xla.adamw_update_host_state(1, 1e-3, 0.0, params, params, state)
+    with pytest.raises(ValueError, match=r"masters\[0\] has shape \[4, 3\] where exp_avgs\[0\]"):
+        xla.HostState(a["exp_avgs"], a["exp_avg_sqs"], masters=[np.zeros((4, 3), np.float32)])
+    with pytest.raises(ValueError, match=r"masters\[0\] shares memory with exp_avgs\[0\]"):
+        xla.HostState(a["exp_avgs"], a["exp_avg_sqs"], masters=a["exp_avgs"])
+
+
 def test_host_state_refuses_what_does_not_fit_and_a_freed_state():
     a = arrays(5)
     params = [jnp.asarray(x) for x in a["params"]]

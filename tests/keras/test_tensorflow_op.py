@@ -179,6 +179,87 @@ def test_the_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
         np.testing.assert_array_equal(got, expected[name], err_msg=name)
 
 
+HOST_STATE_SIXTEEN_BIT = {
+    "bf16 params, masters, bf16 state": ("bfloat16", True, "bfloat16", "nearest"),
+    "f16 params, masters, int8 state": ("float16", True, "int8", "nearest"),
+    "bf16 params, stochastic, int8 state": ("bfloat16", False, "int8", "stochastic"),
+}
+
+
+@pytest.mark.parametrize(
+    ("params_dtype", "masters", "state_dtype", "rounding"),
+    HOST_STATE_SIXTEEN_BIT.values(),
+    ids=HOST_STATE_SIXTEEN_BIT.keys(),
+)
+def test_the_host_state_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
+    params_dtype, masters, state_dtype, rounding
+):
+    """Host state of bfloat16 or 8-bit moments, and float32 masters whose
+    rounded copies the op returns as the new 16-bit params."""
+    import ml_dtypes
+    import tensorflow as tf
+
+    from keras_adamw import host
+    from keras_adamw.backends.tensorflow import host_state_op
+
+    def dtype(name):
+        return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+    def state_of(values, moment):
+        if state_dtype == "int8":
+            return host.QuantizedState.from_float(values, moment=moment)
+        return values.astype(dtype(state_dtype))
+
+    rng = np.random.default_rng(8)
+    shape = (300, 700)
+    master = rng.standard_normal(shape).astype(np.float32)
+    grads = (rng.standard_normal(shape) * 0.1).astype(dtype(params_dtype))
+    expected = dict(
+        params=master.copy() if masters else master.astype(dtype(params_dtype)),
+        exp_avgs=state_of(rng.standard_normal(shape) * 0.01, 1),
+        exp_avg_sqs=state_of(np.abs(rng.standard_normal(shape) * 0.01), 2),
+    )
+    copies = master.astype(dtype(params_dtype)) if masters else None
+    held = {k: v.copy() for k, v in expected.items() if k != "params" or masters}
+    state = host.HostState(
+        [held["exp_avgs"]], [held["exp_avg_sqs"]], masters=[held["params"]] if masters else None
+    )
+    params = tf.constant(copies if masters else expected["params"])
+    stochastic = rounding == "stochastic"
+    for step in (1, 2):
+        rates = [1e-2, 1e-3, 0.9, 0.999, 1e-7] + ([11.0] if stochastic else [])
+        params = host_state_op()(
+            params=params,
+            grads=tf.constant(grads),
+            step=tf.constant(step, tf.int64),
+            rates=tf.constant(rates, tf.float64),
+            host_state=state.id,
+            epsilon_mode="keras",
+            weight_decay_mode="decoupled",
+            stochastic=stochastic,
+        )
+        host.adamw_update(
+            expected["params"],
+            grads,
+            expected["exp_avgs"],
+            expected["exp_avg_sqs"],
+            step=step,
+            learning_rate=1e-2,
+            weight_decay=1e-3,
+            weight_decay_mode="decoupled",
+            param_copies=copies,
+            rounding=rounding,
+            seed=11,
+        )
+    want = copies if masters else expected["params"]
+    assert params.numpy().dtype == want.dtype
+    np.testing.assert_array_equal(params.numpy(), want)
+    for name, got in held.items():
+        if isinstance(got, host.QuantizedState):
+            got, expected[name] = got.codes, expected[name].codes
+        np.testing.assert_array_equal(got, expected[name], err_msg=name)
+
+
 def call_op(**changes):
     import tensorflow as tf
 
