@@ -81,10 +81,11 @@ def make_model(dtype: str) -> keras.Model:
 
 
 def optimizer_arrays(optimizer: keras.optimizers.Optimizer) -> list:
-    """The optimizer's variables, and the state ours keeps in host memory
-    instead (8-bit state: its codes and block scales)."""
+    """The optimizer's variables, and the state (and masters) ours keeps in
+    host memory instead (8-bit state: its codes and block scales)."""
     arrays = list(optimizer.variables)
-    for slots in getattr(optimizer, "_slot_lists", list)():
+    slot_lists = getattr(optimizer, "_slot_lists", list)()
+    for slots in [*slot_lists, getattr(optimizer, "_masters", [])]:
         for slot in slots:
             if isinstance(slot, host.QuantizedState):
                 arrays += [slot.codes, slot.scales]

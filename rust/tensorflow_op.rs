@@ -13,12 +13,15 @@
 //! copy. The step stays one pass over memory.
 //!
 //! One op per variable. Inputs: `params`, `exp_avg`, `exp_avg_sq`,
-//! `max_exp_avg_sq` (a list of one with AMSGrad, else empty), `grads`, `step`
+//! `max_exp_avg_sq` (a list of one with AMSGrad, else empty), `param_copy` (a
+//! list of one 16-bit tensor with `copies=1`: the variable whose float32
+//! master `params` is; only its shape and dtype are read), `grads`, `step`
 //! (int64) and `rates` (float64: learning_rate, weight_decay, beta_1, beta_2,
 //! epsilon, and with `stochastic` the seed). Params and grads are float32,
 //! bfloat16 or float16, the state float32 or bfloat16 (type attributes
-//! `Tparams`, `Tgrads`, `Tstate`). Outputs: the new values of the first three
-//! or four inputs, each shaped and typed as its input. Attributes:
+//! `Tparams`, `Tgrads`, `Tstate`, `Tcopy`). Outputs: the new values of the
+//! written inputs, each shaped and typed as its input (the copy: the new
+//! params rounded, in the same pass). Attributes:
 //! `epsilon_mode`, `weight_decay_mode`, `decay_form`, `maximize` and
 //! `stochastic` (16-bit stores rounded stochastically). Everything is checked
 //! before the first write; a bad call fails the op with an InvalidArgument
@@ -223,6 +226,7 @@ unsafe fn register_with(api: &'static Api) -> Result<(), String> {
             c"exp_avg: Tstate",
             c"exp_avg_sq: Tstate",
             c"max_exp_avg_sq: amsgrad * Tstate",
+            c"param_copy: copies * Tcopy",
             c"grads: Tgrads",
             c"step: int64",
             c"rates: double",
@@ -234,11 +238,14 @@ unsafe fn register_with(api: &'static Api) -> Result<(), String> {
             c"new_exp_avg: Tstate",
             c"new_exp_avg_sq: Tstate",
             c"new_max_exp_avg_sq: amsgrad * Tstate",
+            c"new_param_copy: copies * Tcopy",
         ] {
             (api.add_output)(op, output.as_ptr());
         }
         for attr in [
             c"amsgrad: int >= 0",
+            c"copies: int >= 0 = 0",
+            c"Tcopy: {bfloat16, half} = DT_BFLOAT16",
             c"Tparams: {float, bfloat16, half} = DT_FLOAT",
             c"Tgrads: {float, bfloat16, half} = DT_FLOAT",
             c"Tstate: {float, bfloat16} = DT_FLOAT",
@@ -353,8 +360,10 @@ struct Options {
     weight_decay_mode: DecayMode,
     decay_form: Option<DecayForm>,
     maximize: bool,
-    /// 16-bit stores rounded stochastically (`KerasAdamwUpdate` only).
+    /// 16-bit stores rounded stochastically.
     stochastic: bool,
+    /// A 16-bit copy of the new params is written (`KerasAdamwUpdate` only).
+    copies: bool,
     /// The registered host state (`KerasAdamwUpdateHostState` only).
     host_state: Option<u64>,
 }
@@ -440,6 +449,17 @@ unsafe fn read_options(
     // SAFETY: the caller's contract; TF writes one byte.
     unsafe { (api.attr_bool)(ctx, c"stochastic".as_ptr(), &mut stochastic, status.raw) };
     status.check("stochastic")?;
+    let mut copies = 0i64;
+    if !host_state {
+        // SAFETY: the caller's contract; TF writes one int64.
+        unsafe { (api.attr_int64)(ctx, c"copies".as_ptr(), &mut copies, status.raw) };
+        status.check("copies")?;
+    }
+    if !(0..=1).contains(&copies) {
+        return Err(format!(
+            "copies must be 0 or 1 (a list of param_copy), got {copies}"
+        ));
+    }
     let host_state = if host_state {
         let mut id = 0i64;
         // SAFETY: the caller's contract; TF writes one int64.
@@ -459,6 +479,7 @@ unsafe fn read_options(
         },
         maximize: maximize != 0,
         stochastic: stochastic != 0,
+        copies: copies == 1,
         host_state,
     })
 }
@@ -553,16 +574,19 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
     let call = Call::new(api, ctx);
     // SAFETY: the caller's contract.
     let inputs = unsafe { (api.num_inputs)(ctx) }.max(0) as usize;
+    // The written inputs: params and the state lists, then any param_copy.
     let written = inputs.saturating_sub(TRAILING_INPUTS);
-    if !(3..=4).contains(&written) {
+    let lists = written.saturating_sub(usize::from(options.copies));
+    if !(3..=4).contains(&lists) {
         return Err(format!(
             "amsgrad must be 0 or 1 (lists of max_exp_avg_sq), got {}",
-            written.saturating_sub(3)
+            lists.saturating_sub(3)
         ));
     }
-    let sources = (0..written)
+    let sources = (0..lists)
         .map(|index| call.input(index))
         .collect::<Result<Vec<_>, _>>()?;
+    let copy = options.copies.then(|| call.input(lists)).transpose()?;
     let grads = call.input(written)?;
     let step = call.input(written + 1)?;
     let rates = call.input(written + 2)?;
@@ -570,6 +594,7 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         .iter()
         .copied()
         .zip(&sources)
+        .chain(copy.iter().map(|c| ("param_copy", c)))
         .chain([("grads", &grads)]);
     let dims = check_inputs(named)?;
     let (constants, rounding) = step_constants(options, &step, &rates)?;
@@ -582,6 +607,10 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         .enumerate()
         .map(|(index, source)| call.allocate(index, &dims, source.dtype()?, WRITTEN[index]))
         .collect::<Result<Vec<_>, String>>()?;
+    let copy_output = copy
+        .as_ref()
+        .map(|c| call.allocate(lists, &dims, c.dtype()?, "param_copy"))
+        .transpose()?;
 
     let region = |t: &TensorRef<'_>, written: bool, label: &'static str| -> Result<_, String> {
         Ok(Region {
@@ -596,6 +625,9 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
     for (i, (source, output)) in sources.iter().zip(&outputs).enumerate() {
         regions.push(region(source, false, WRITTEN[i])?);
         regions.push(region(output, true, WRITTEN[i])?);
+    }
+    if let Some(output) = &copy_output {
+        regions.push(region(output, true, "param_copy")?);
     }
     // Waits for any host call writing memory the op reads (an array TF wraps without a copy).
     let _claim = in_flight::claim(&regions);
@@ -613,7 +645,7 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         exp_avg_sq: Some(read(&sources[2])?),
         max_exp_avg_sq: sources.get(3).map(read).transpose()?,
     };
-    let to = TensorSlices::of_elements(
+    let mut to = TensorSlices::of_elements(
         write(&outputs[0])?,
         read(&grads)?,
         write(&outputs[1])?,
@@ -621,6 +653,11 @@ unsafe fn run(api: &Api, options: &Options, ctx: *mut OpKernelContext) -> Result
         outputs.get(3).map(write).transpose()?,
     )
     .map_err(|e| e.to_string())?;
+    if let Some(output) = &copy_output {
+        to = to
+            .with_param_copy(write(output)?)
+            .map_err(|e| e.to_string())?;
+    }
     parallel::adamw_step_from(vec![(from, to)], &constants, rounding, level);
     Ok(())
 }

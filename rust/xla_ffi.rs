@@ -695,17 +695,14 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         }
         for (list, name) in WRITTEN_LISTS[..lists].iter().enumerate() {
             let label = format!("{name}[{i}]");
-            if let Some(state) = &host_state {
-                match (list, &state.masters) {
-                    (0, Some(masters)) => written[0].push(Slot::Held(masters[i])),
-                    (0, None) => {}
-                    _ => {
-                        written[list].push(Slot::Held(state.lists[list - 1][i]));
-                        continue;
-                    }
-                }
-            }
-            if list == 0 && host_masters {
+            // Host state holds the state lists, and the params too where it has masters.
+            let held = match (&host_state, list) {
+                (Some(state), 0) => state.masters.as_ref().map(|masters| masters[i]),
+                (Some(state), _) => Some(state.lists[list - 1][i]),
+                (None, _) => None,
+            };
+            if let Some(held) = held {
+                written[list].push(Slot::Held(held));
                 continue;
             }
             let (operand, allowed) = match list {

@@ -3,7 +3,8 @@
 The kernel runs as a TensorFlow op, `KerasAdamwUpdate` (rust/tensorflow_op.rs),
 registered through TensorFlow's C API on first use: one op per variable reads
 the variable's value (or its float32 master), its slots and its gradient, of
-float32 or 16-bit dtypes, and writes the new values in one pass into tensors
+float32 or 16-bit dtypes, and writes the new values (and a master's 16-bit
+copy, the variable's new value) in one pass into tensors
 that TF allocates and the variables then adopt, without a copy. State in
 host memory (offloaded, or 8-bit; with float32 masters of 16-bit variables)
 goes to its sibling, `KerasAdamwUpdateHostState`, which updates the arrays in
@@ -182,8 +183,8 @@ class HostPath:
         """One op per variable: TF can run them side by side, and frees each
         variable's old memory as soon as its new values are assigned. The
         rates are formed once per parameter group. A variable with a master
-        has the op update the master, then receives it rounded to nearest
-        (a cast: the op has no copy-out yet, so this takes a second pass)."""
+        has the op update the master and write the variable's new value, its
+        rounding, in the same pass."""
         import tensorflow as tf
 
         optimizer = self.optimizer
@@ -195,11 +196,13 @@ class HostPath:
                 momentum, velocity, *velocity_hat = (s[indices[k]] for s in optimizer._slot_lists())
                 stochastic = optimizer._rounds_stochastically([weights.dtype], False)
                 seed = tf.cast(optimizer._rounding_seed(), tf.float64) if stochastic else None
+                copied = [] if master is None else [variable]
                 new_values = op(
                     params=weights.value,
                     exp_avg=momentum.value,
                     exp_avg_sq=velocity.value,
                     max_exp_avg_sq=[v.value for v in velocity_hat],
+                    param_copy=[v.value for v in copied],
                     grads=tf.cast(grads[k], variable.dtype),
                     step=step,
                     rates=rates if seed is None else tf.concat([rates, [seed]], 0),
@@ -207,11 +210,9 @@ class HostPath:
                     **optimizer._kernel_options(),
                 )
                 new_values = tf.nest.flatten(new_values)
-                targets = [weights, momentum, velocity, *velocity_hat]
+                targets = [weights, momentum, velocity, *velocity_hat, *copied]
                 for target, value in zip(targets, new_values, strict=True):
                     optimizer.assign(target, value)
-                if master is not None:
-                    optimizer.assign(variable, tf.cast(new_values[0], variable.dtype))
 
     def group_rates(self, learning_rate: Any, indices: list[int]) -> list[tuple[Any, list[int]]]:
         """Per parameter group: the ops' `rates` input (learning rate, weight

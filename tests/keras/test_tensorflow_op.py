@@ -103,6 +103,7 @@ def test_the_op_matches_the_float64_reference(amsgrad, epsilon_mode):
             exp_avg=m,
             exp_avg_sq=v,
             max_exp_avg_sq=hats,
+            param_copy=[],
             grads=g,
             step=tf.constant(step, tf.int64),
             rates=tf.constant([1e-2, rate, 0.9, 0.999, 1e-7], tf.float64),
@@ -116,19 +117,29 @@ def test_the_op_matches_the_float64_reference(amsgrad, epsilon_mode):
 
 
 SIXTEEN_BIT = {
-    "bf16 params and grads": ("bfloat16", "float32", "nearest"),
-    "f16 params, bf16 state, stochastic": ("float16", "bfloat16", "stochastic"),
-    "bf16 state": ("float32", "bfloat16", "nearest"),
+    "bf16 params and grads": ("bfloat16", "float32", "nearest", None),
+    "f16 params, bf16 state, stochastic": ("float16", "bfloat16", "stochastic", None),
+    "bf16 state": ("float32", "bfloat16", "nearest", None),
+    "f32 masters, bf16 copies": ("float32", "float32", "nearest", "bfloat16"),
+    "f32 masters, f16 copies, bf16 state, stochastic": (
+        "float32",
+        "bfloat16",
+        "stochastic",
+        "float16",
+    ),
 }
 
 
 @pytest.mark.parametrize(
-    ("params_dtype", "state_dtype", "rounding"), SIXTEEN_BIT.values(), ids=SIXTEEN_BIT.keys()
+    ("params_dtype", "state_dtype", "rounding", "copy_dtype"),
+    SIXTEEN_BIT.values(),
+    ids=SIXTEEN_BIT.keys(),
 )
 def test_the_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
-    params_dtype, state_dtype, rounding
+    params_dtype, state_dtype, rounding, copy_dtype
 ):
-    """The op reads and writes each input's own dtype; the same kernel as
+    """The op reads and writes each input's own dtype, and writes float32
+    masters' 16-bit copies in the same pass; the same kernel as
     keras_adamw.host (large enough to run in chunks on several threads)."""
     import ml_dtypes
     import tensorflow as tf
@@ -143,19 +154,22 @@ def test_the_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
     shape = (300, 700)
     expected = dict(
         params=rng.standard_normal(shape).astype(dtype(params_dtype)),
-        grads=(rng.standard_normal(shape) * 0.1).astype(dtype(params_dtype)),
+        grads=(rng.standard_normal(shape) * 0.1).astype(dtype(copy_dtype or params_dtype)),
         exp_avgs=(rng.standard_normal(shape) * 0.01).astype(dtype(state_dtype)),
         exp_avg_sqs=np.abs(rng.standard_normal(shape) * 0.01).astype(dtype(state_dtype)),
     )
+    copies = None if copy_dtype is None else expected["params"].astype(dtype(copy_dtype))
     current = {k: tf.constant(v) for k, v in expected.items()}
+    current["param_copy"] = [] if copies is None else [tf.constant(copies)]
     stochastic = rounding == "stochastic"
     for step in (1, 2):
         rates = [1e-2, 1e-3, 0.9, 0.999, 1e-7] + ([11.0] if stochastic else [])
-        params, m, v, _ = update_op()(
+        params, m, v, _, param_copy = update_op()(
             params=current["params"],
             exp_avg=current["exp_avgs"],
             exp_avg_sq=current["exp_avg_sqs"],
             max_exp_avg_sq=[],
+            param_copy=current["param_copy"],
             grads=current["grads"],
             step=tf.constant(step, tf.int64),
             rates=tf.constant(rates, tf.float64),
@@ -163,16 +177,20 @@ def test_the_op_on_sixteen_bit_data_matches_the_host_kernel_bitwise(
             weight_decay_mode="decoupled",
             stochastic=stochastic,
         )
-        current.update(params=params, exp_avgs=m, exp_avg_sqs=v)
+        current.update(params=params, exp_avgs=m, exp_avg_sqs=v, param_copy=param_copy)
         host.adamw_update(
             **expected,
             step=step,
             learning_rate=1e-2,
             weight_decay=1e-3,
             weight_decay_mode="decoupled",
+            param_copies=copies,
             rounding=rounding,
             seed=11,
         )
+    if copies is not None:
+        assert current["param_copy"][0].numpy().dtype == copies.dtype
+        np.testing.assert_array_equal(current["param_copy"][0].numpy(), copies)
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
         got = current[name].numpy()
         assert got.dtype == expected[name].dtype, name
@@ -271,6 +289,7 @@ def call_op(**changes):
         exp_avg=zeros,
         exp_avg_sq=zeros,
         max_exp_avg_sq=[],
+        param_copy=[],
         grads=zeros + 0.5,
         step=tf.constant(1, tf.int64),
         rates=tf.constant([1e-3, 0.0, 0.9, 0.999, 1e-7], tf.float64),
@@ -292,6 +311,8 @@ def call_op(**changes):
         (dict(epsilon_mode="bogus"), "epsilon_mode"),
         (dict(decay_form="bogus"), "decay_form"),
         (dict(max_exp_avg_sq=[np.zeros((4, 3), np.float32)] * 2), "amsgrad must be 0 or 1"),
+        (dict(param_copy=[np.zeros((3, 4), np.float16)]), r"param_copy has shape \[3, 4\]"),
+        (dict(param_copy=[np.zeros((4, 3), np.float16)] * 2), "copies must be 0 or 1"),
     ],
 )
 def test_the_op_rejects_bad_input_with_an_error_naming_it(changes, message):
