@@ -71,12 +71,19 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// Every list's buffer of tensor `i`'s, masters first.
-    pub fn tensor(&self, i: usize) -> impl Iterator<Item = &Held> {
-        self.masters
-            .iter()
-            .chain(&self.lists)
-            .map(move |list| &list[i])
+    /// Each list with its name, masters first; `state_names` name the state
+    /// lists as the caller's messages do.
+    pub fn named_lists<'a>(
+        &'a self,
+        state_names: &'a [&'a str],
+    ) -> impl Iterator<Item = (&'a str, &'a [Held])> {
+        let masters = self.masters.iter().map(|m| ("masters", m.as_slice()));
+        masters.chain(
+            state_names
+                .iter()
+                .copied()
+                .zip(self.lists.iter().map(Vec::as_slice)),
+        )
     }
 }
 

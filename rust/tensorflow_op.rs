@@ -802,10 +802,8 @@ unsafe fn run_host_state(
     let len = params.len();
     let state = host_state::lookup(id)
         .ok_or_else(|| format!("host_state {id} is not registered (its HostState was freed)"))?;
-    let names = state.masters.iter().map(|_| "masters");
-    let names = names.chain(WRITTEN[1..].iter().copied());
-    for (name, list) in names.zip(state.masters.iter().chain(&state.lists)) {
-        match list.as_slice() {
+    for (name, list) in state.named_lists(&WRITTEN[1..]) {
+        match list {
             [held] if held.len == len => {}
             _ => {
                 return Err(format!(
@@ -837,11 +835,7 @@ unsafe fn run_host_state(
         region(&params, false, "params")?,
         region(&output, true, "params")?,
     ];
-    let names = state.masters.iter().map(|_| "masters");
-    for (name, list) in names
-        .chain(WRITTEN[1..].iter().copied())
-        .zip(state.masters.iter().chain(&state.lists))
-    {
+    for (name, list) in state.named_lists(&WRITTEN[1..]) {
         regions.extend(list[0].regions(name));
     }
     if let Some((a, b)) = find_overlap(&regions) {

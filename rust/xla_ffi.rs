@@ -673,9 +673,7 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
         };
         same_shape(&grad, format!("grads[{i}]"))?;
         if let Some(state) = &host_state {
-            let names = state.masters.iter().map(|_| "masters");
-            let names = names.chain(WRITTEN_LISTS[1..lists].iter().copied());
-            for (name, list) in names.zip(state.masters.iter().chain(&state.lists)) {
+            for (name, list) in state.named_lists(&WRITTEN_LISTS[1..lists]) {
                 match list.get(i) {
                     Some(held) if list.len() == n && held.len == params.len => {}
                     held => {
