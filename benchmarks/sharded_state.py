@@ -6,8 +6,9 @@ keras.distribution.DataParallel on N simulated CPU devices (JAX).
 
 Per N, in a fresh process (the device count is fixed when JAX starts): the
 bytes of m, v the most loaded device holds, and the median time of a `fit`
-step of an MLP, for keras.optimizers.AdamW, ours replicated and ours sharded,
-the steps interleaved. The simulated devices share this machine's cores, so
+step of an MLP, for keras.optimizers.AdamW and ours (on keras.ops, and in the
+host kernel on each device's shards), replicated and sharded, the steps
+interleaved. The simulated devices share this machine's cores, so
 the times say what sharding costs in XLA's collectives, not what N real
 devices would gain.
 """
@@ -24,6 +25,9 @@ import time
 
 from _charts import cpu_name
 
+# Ours on keras.ops and in the host kernel (run on each device's shards).
+CONTENDER_IMPLEMENTATIONS = ("ops", "host")
+
 
 def measure(devices: int, width: int, steps: int) -> dict:
     import keras
@@ -37,11 +41,14 @@ def measure(devices: int, width: int, steps: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64 * steps, width)).astype("float32")
     y = rng.standard_normal((64 * steps, 1)).astype("float32")
-    contenders = {
-        "keras.optimizers.AdamW": lambda: keras.optimizers.AdamW(),
-        "keras_adamw, replicated": lambda: AdamW(),
-        "keras_adamw, shard_state": lambda: AdamW(shard_state=True),
-    }
+    contenders = {"keras.optimizers.AdamW": lambda: keras.optimizers.AdamW()}
+    for implementation in CONTENDER_IMPLEMENTATIONS:
+        contenders[f"ours {implementation}, replicated"] = lambda i=implementation: AdamW(
+            implementation=i
+        )
+        contenders[f"ours {implementation}, shard_state"] = lambda i=implementation: AdamW(
+            implementation=i, shard_state=True
+        )
     models = {}
     for name, make in contenders.items():
         keras.utils.set_random_seed(0)
@@ -63,7 +70,7 @@ def measure(devices: int, width: int, steps: int) -> dict:
             start = time.perf_counter()
             model.train_on_batch(x[batch], y[batch])
             times[name].append(time.perf_counter() - start)
-    report = {"devices": devices, "params": int(models["keras_adamw, replicated"].count_params())}
+    report = {"devices": devices, "params": int(models["ours ops, replicated"].count_params())}
     for name, model in models.items():
         per_device: dict[str, int] = {}
         for variable in model.optimizer.variables:
@@ -108,15 +115,13 @@ def main() -> None:
         reports.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if not reports:
         return
-    replicated = reports[0]["keras_adamw, replicated"]["state_bytes_per_device"]
+    replicated = reports[0]["ours ops, replicated"]["state_bytes_per_device"]
     print(f"MLP of {reports[0]['params'] / 1e6:.1f}M parameters; m and v on the fullest device:")
     print(f"{'N':>3}  {'optimizer':<26} {'state MB':>9} {'x replicated':>13} {'step ms':>8}")
     for report in reports:
-        for name in [
-            "keras.optimizers.AdamW",
-            "keras_adamw, replicated",
-            "keras_adamw, shard_state",
-        ]:
+        for name in report:
+            if name in ("devices", "params"):
+                continue
             row = report[name]
             state = row["state_bytes_per_device"]
             print(

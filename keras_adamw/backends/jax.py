@@ -27,11 +27,23 @@ def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     platforms = [device.platform for device in value.devices()]
-    if len(platforms) > 1:
-        return f"variables on one device ({variable.path} is on {len(platforms)})"
+    if len(platforms) > 1 and (offload_state or layout_of(variable) is None):
+        return (
+            "variables on one device, or laid out by a keras.distribution without "
+            f"offload_state ({variable.path} is on {len(platforms)})"
+        )
     if platforms[0] != "cpu" and not offload_state:
         return f"variables in CPU memory ({variable.path} is on {platforms[0]})"
     return None
+
+
+def layout_of(variable: Any) -> Any:
+    """The `jax.sharding.NamedSharding` a keras.distribution lays ``variable``
+    out by when it spans several devices, else None."""
+    layout = getattr(variable, "_layout", None)
+    sharding = getattr(layout, "backend_layout", layout)
+    mesh = getattr(sharding, "mesh", None)
+    return sharding if mesh is not None and mesh.size > 1 else None
 
 
 def traced_by_keras_trainer() -> bool:
@@ -145,23 +157,22 @@ class HostPath:
             params, exp_avgs, exp_avg_sqs, amsgrad_max, param_copies = values
             assert params is not None and exp_avgs is not None and exp_avg_sqs is not None
             stochastic = optimizer._rounds_stochastically([p.dtype for p in params], copied)
-            new = xla.adamw_update(
-                step,
-                group_lr,
-                decay,
-                params,
-                [grads[k] for k in positions],
-                exp_avgs,
-                exp_avg_sqs,
-                amsgrad_max,
+            update = functools.partial(
+                xla.adamw_update,
                 beta_1=optimizer.beta_1,
                 beta_2=optimizer.beta_2,
                 epsilon=optimizer.epsilon,
-                param_copies=param_copies,
                 rounding="stochastic" if stochastic else "nearest",
-                seed=optimizer._rounding_seed() if stochastic else 0,
                 **optimizer._kernel_options(),
             )
+            scalars = (step, group_lr, decay, optimizer._rounding_seed() if stochastic else 0)
+            arrays = xla.Updated(params, exp_avgs, exp_avg_sqs, amsgrad_max, param_copies)
+            group_grads = [grads[k] for k in positions]
+            layouts = [layout_of(v) for v in written]
+            if any(layout is not None for layout in layouts):
+                new = on_each_shard(update, scalars, arrays, group_grads, targets, layouts)
+            else:
+                new = call_update(update, scalars, arrays, group_grads)
             for group, new_values in zip(targets, new, strict=True):
                 for variable, value in zip(group or [], new_values or [], strict=True):
                     variable.assign(value)
@@ -280,3 +291,123 @@ class HostPath:
         )
         for variable, value in zip(variables, new_params, strict=True):
             variable.assign(value)
+
+
+def call_update(
+    update: Any, scalars: tuple[Any, ...], arrays: xla.Updated, grads: list[Any]
+) -> Any:
+    """``update`` (`xla.adamw_update` with its options) on these arrays."""
+    step, lr, wd, seed = scalars
+    params, exp_avgs, exp_avg_sqs, amsgrad_max, param_copies = arrays
+    return update(
+        step,
+        lr,
+        wd,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        amsgrad_max,
+        param_copies=param_copies,
+        seed=seed,
+    )
+
+
+def on_each_shard(
+    update: Any,
+    scalars: tuple[Any, ...],
+    arrays: xla.Updated,
+    grads: list[Any],
+    targets: xla.Updated,
+    layouts: list[Any],
+) -> Any:
+    """``update`` run by each device on its local shards (`jax.shard_map`),
+    in place as on one device. Each array keeps its own layout; the state
+    (and masters) of `shard_state` is split further along the data axis than
+    its variable, as ZeRO stage 1 splits it: there each device updates its
+    slice of the variable, which the devices then gather back whole."""
+    import jax
+
+    mesh = next(layout.mesh for layout in layouts if layout is not None)
+    # The variables' specs (variables, their gradients and 16-bit copies),
+    # and each target's own (the state's, and masters', may add the data axis).
+    variable_specs = [replicated() if layout is None else layout.spec for layout in layouts]
+    target_specs = xla.Updated(
+        *[None if group is None else [spec_of(v) for v in group] for group in targets]  # type: ignore[arg-type]
+    )
+    state_specs = target_specs.exp_avgs
+    # The written lists laid out as the variables are (params without
+    # masters, copies): cut to the state's block before, gathered after.
+    cut = [
+        name
+        for name in ("params", "param_copies")
+        if getattr(arrays, name) is not None and getattr(target_specs, name) == variable_specs
+    ]
+
+    def split(k: int, x: Any) -> Any:
+        """Tensor k's local block of the variable, cut to its state's block."""
+        for dim, axis in extra_axes(variable_specs[k], state_specs[k]):
+            size = x.shape[dim] // mesh.shape[axis]
+            x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * size, size, dim)
+        return x
+
+    def join(k: int, x: Any) -> Any:
+        for dim, axis in reversed(extra_axes(variable_specs[k], state_specs[k])):
+            x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+        return x
+
+    def local(scalars: Any, arrays: xla.Updated, grads: list[Any]) -> xla.Updated:
+        arrays = arrays._replace(
+            **{name: [split(k, x) for k, x in enumerate(getattr(arrays, name))] for name in cut}
+        )
+        new: xla.Updated = call_update(
+            update, scalars, arrays, [split(k, g) for k, g in enumerate(grads)]
+        )
+        return new._replace(
+            **{name: [join(k, x) for k, x in enumerate(getattr(new, name))] for name in cut}
+        )
+
+    whole = tuple(replicated() for _ in scalars)
+    # The custom call has no replication rule: that the outputs hold their
+    # specs is ours to keep (the gathers do), not JAX's to check.
+    shard_map: Any = getattr(jax, "shard_map", None)
+    unchecked = {"check_vma": False}
+    if shard_map is None:  # JAX before 0.7
+        from jax.experimental.shard_map import shard_map
+
+        unchecked = {"check_rep": False}
+    sharded = shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(whole, target_specs, variable_specs),
+        out_specs=target_specs,
+        **unchecked,
+    )
+    return sharded(scalars, arrays, grads)
+
+
+def spec_of(variable: Any) -> Any:
+    """The `jax.sharding.PartitionSpec` of a Keras variable (replicated without a layout)."""
+    layout = layout_of(variable)
+    return replicated() if layout is None else layout.spec
+
+
+def replicated() -> Any:
+    """The `jax.sharding.PartitionSpec` of a replicated array."""
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec()  # type: ignore[no-untyped-call]
+
+
+def extra_axes(variable_spec: Any, state_spec: Any) -> list[tuple[int, str]]:
+    """(dimension, mesh axis) where the state is split and its variable is not."""
+
+    def entry(spec: Any, dim: int) -> Any:
+        return spec[dim] if dim < len(spec) else None
+
+    dims = max(len(variable_spec), len(state_spec))
+    return [
+        (dim, entry(state_spec, dim))
+        for dim in range(dims)
+        if entry(variable_spec, dim) is None and entry(state_spec, dim) is not None
+    ]

@@ -1,7 +1,7 @@
 """Trains under a distribution strategy; run by test_distribution.py in a fresh
 process (device counts must be set before the backend starts).
 
-    python distributed_fit.py jax-data | jax-model | jax-sharded | tf-mirrored
+    python distributed_fit.py jax-data | jax-model | jax-sharded | jax-host | tf-mirrored
 
 Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
 under the same strategy, and what the slots' placement was.
@@ -13,7 +13,7 @@ import sys
 
 mode = sys.argv[1]
 if mode.startswith("jax"):
-    devices = 4 if mode == "jax-sharded" else 2
+    devices = 4 if mode in ("jax-sharded", "jax-host") else 2
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["KERAS_BACKEND"] = "jax"
 else:
@@ -97,6 +97,27 @@ elif mode == "jax-sharded":
     report["model_parallel"] = slot_shards(sharded)
     slots = [v for v in sharded.optimizer.variables if "hidden_kernel" in v.path]
     report["hidden_kernel_slot_specs"] = sorted({str(v.value.sharding.spec) for v in slots})
+elif mode == "jax-host":
+    # The host kernel on each device's shards against the ops path: DataParallel
+    # over 4 devices and a 2 x 2 mesh, each with and without shard_state.
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden/kernel"] = (None, "model")
+    distributions = {
+        "data": keras.distribution.DataParallel(devices=devices),
+        "model": keras.distribution.ModelParallel(layout_map=layout_map),
+    }
+    for name, distribution in distributions.items():
+        keras.distribution.set_distribution(distribution)
+        for shard_state in (False, True):
+            host, difference = compare(
+                lambda s=shard_state: AdamW(implementation="host", shard_state=s, **kwargs),
+                lambda s=shard_state: AdamW(implementation="ops", shard_state=s, **kwargs),
+            )
+            report[f"{name}, shard_state={shard_state}"] = difference
+            report[f"{name}, shard_state={shard_state}, on host"] = host.optimizer._on_host
+    report["auto on host"] = AdamW()._resolve_implementation(host.trainable_variables)
 elif mode == "tf-mirrored":
     import tensorflow as tf
 

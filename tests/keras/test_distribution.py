@@ -73,6 +73,19 @@ def test_shard_state_holds_one_nth_of_the_state_per_device_and_trains_the_same(t
     assert report["hidden_kernel_slot_specs"] == ["P('batch', 'model')"]
 
 
+@jax_only
+def test_the_host_kernel_runs_on_each_devices_shards_like_the_ops_path(tmp_path):
+    """implementation="host" under DataParallel and ModelParallel: the kernel
+    on each device's local shards (shard_map), each slice of shard_state's
+    state on its device, within 1e-6 of the ops path; "auto" takes it."""
+    report = run("jax-host", tmp_path)
+    for name in ["data", "model"]:
+        for shard_state in [False, True]:
+            assert report[f"{name}, shard_state={shard_state}, on host"]
+            assert report[f"{name}, shard_state={shard_state}"] <= 1e-6
+    assert report["auto on host"]
+
+
 @tf_only
 def test_mirrored_strategy_matches_keras_adamw(tmp_path):
     report = run("tf-mirrored", tmp_path)
