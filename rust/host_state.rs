@@ -97,6 +97,12 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     states: BTreeMap::new(),
 });
 
+/// The registry's lock, held across a fork (`crate::fork`).
+#[cfg(unix)]
+pub(crate) fn lock() -> std::sync::MutexGuard<'static, impl Sized> {
+    registry()
+}
+
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
     // A panic cannot leave the map half-written: each change is one call.
     REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)

@@ -23,6 +23,12 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 });
 static RELEASED: Condvar = Condvar::new();
 
+/// The registry's lock, held across a fork (`crate::fork`).
+#[cfg(unix)]
+pub(crate) fn lock() -> MutexGuard<'static, impl Sized> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn registry() -> MutexGuard<'static, Registry> {
     let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
     let pid = std::process::id();

@@ -19,6 +19,8 @@
 pub mod aliasing;
 pub mod bandwidth;
 pub mod dtype;
+#[cfg(unix)]
+pub mod fork;
 pub mod host_state;
 pub mod in_flight;
 pub mod math;

@@ -47,6 +47,12 @@ fn build_pool(threads: usize) -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {
     Ok(Arc::new(pool))
 }
 
+/// The pool's lock, held across a fork (`crate::fork`).
+#[cfg(unix)]
+pub(crate) fn lock() -> std::sync::MutexGuard<'static, impl Sized> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The shared pool, started on first use and again in a forked child (with
 /// the parent's thread count); an error when its threads cannot start.
 pub fn pool() -> Result<Arc<ThreadPool>, ThreadPoolBuildError> {

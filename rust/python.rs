@@ -925,6 +925,8 @@ fn register_tensorflow_op(framework_library: &str) -> PyResult<&'static str> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    #[cfg(unix)]
+    crate::fork::install();
     m.add_function(wrap_pyfunction!(adamw_update, m)?)?;
     m.add_function(wrap_pyfunction!(check_hyperparameters, m)?)?;
     m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
