@@ -6,8 +6,9 @@ keras.distribution.DataParallel on N simulated CPU devices (JAX).
 
 Per N, in a fresh process (the device count is fixed when JAX starts): the
 bytes of m, v the most loaded device holds, and the median time of a `fit`
-step of an MLP, for keras.optimizers.AdamW and ours (on keras.ops, and in the
-host kernel on each device's shards), replicated and sharded, the steps
+step of an MLP, for keras.optimizers.AdamW and ours (on keras.ops, in the
+host kernel on each device's shards, and with the state offloaded: each
+device's block in host memory), replicated and sharded, the steps
 interleaved. The simulated devices share this machine's cores, so
 the times say what sharding costs in XLA's collectives, not what N real
 devices would gain.
@@ -25,8 +26,12 @@ import time
 
 from _charts import cpu_name
 
-# Ours on keras.ops and in the host kernel (run on each device's shards).
-CONTENDER_IMPLEMENTATIONS = ("ops", "host")
+# Ours on keras.ops, in the host kernel (run on each device's shards), offloaded.
+CONTENDERS = {
+    "ops": {"implementation": "ops"},
+    "host": {"implementation": "host"},
+    "offloaded": {"offload_state": True},
+}
 
 
 def measure(devices: int, width: int, steps: int) -> dict:
@@ -42,13 +47,9 @@ def measure(devices: int, width: int, steps: int) -> dict:
     x = rng.standard_normal((64 * steps, width)).astype("float32")
     y = rng.standard_normal((64 * steps, 1)).astype("float32")
     contenders = {"keras.optimizers.AdamW": lambda: keras.optimizers.AdamW()}
-    for implementation in CONTENDER_IMPLEMENTATIONS:
-        contenders[f"ours {implementation}, replicated"] = lambda i=implementation: AdamW(
-            implementation=i
-        )
-        contenders[f"ours {implementation}, shard_state"] = lambda i=implementation: AdamW(
-            implementation=i, shard_state=True
-        )
+    for label, options in CONTENDERS.items():
+        contenders[f"ours {label}, replicated"] = lambda o=options: AdamW(**o)
+        contenders[f"ours {label}, shard_state"] = lambda o=options: AdamW(**o, shard_state=True)
     models = {}
     for name, make in contenders.items():
         keras.utils.set_random_seed(0)
@@ -72,18 +73,36 @@ def measure(devices: int, width: int, steps: int) -> dict:
             times[name].append(time.perf_counter() - start)
     report = {"devices": devices, "params": int(models["ours ops, replicated"].count_params())}
     for name, model in models.items():
-        per_device: dict[str, int] = {}
-        for variable in model.optimizer.variables:
-            if variable.path.split("_")[-1] not in ("momentum", "velocity"):
-                continue
-            for shard in variable.value.addressable_shards:
-                key = str(shard.device)
-                per_device[key] = per_device.get(key, 0) + shard.data.nbytes
         report[name] = {
-            "state_bytes_per_device": max(per_device.values()),
+            "state_bytes_per_device": max(state_bytes_per_device(model.optimizer).values()),
             "step_ms": statistics.median(times[name][2:]) * 1e3,
         }
     return report
+
+
+def state_bytes_per_device(optimizer) -> dict[str, int]:
+    """The bytes of m and v each device holds: its shards of the slot
+    variables, or its blocks of offloaded state in host memory."""
+    from keras_adamw.sharding import HostShards
+
+    per_device: dict[str, int] = {}
+
+    def add(device, nbytes):
+        per_device[str(device)] = per_device.get(str(device), 0) + nbytes
+
+    if getattr(optimizer, "offload_state", False):
+        for slot in optimizer._momentums + optimizer._velocities:
+            if isinstance(slot, HostShards):
+                for device, block in slot.blocks.items():
+                    add(device, block.nbytes)
+            else:
+                add("host", slot.nbytes)
+        return per_device
+    for variable in optimizer.variables:
+        if variable.path.split("_")[-1] in ("momentum", "velocity"):
+            for shard in variable.value.addressable_shards:
+                add(shard.device, shard.data.nbytes)
+    return per_device
 
 
 def main() -> None:
@@ -117,7 +136,7 @@ def main() -> None:
         return
     replicated = reports[0]["ours ops, replicated"]["state_bytes_per_device"]
     print(f"MLP of {reports[0]['params'] / 1e6:.1f}M parameters; m and v on the fullest device:")
-    print(f"{'N':>3}  {'optimizer':<26} {'state MB':>9} {'x replicated':>13} {'step ms':>8}")
+    print(f"{'N':>3}  {'optimizer':<28} {'state MB':>9} {'x replicated':>13} {'step ms':>8}")
     for report in reports:
         for name in report:
             if name in ("devices", "params"):
@@ -125,7 +144,7 @@ def main() -> None:
             row = report[name]
             state = row["state_bytes_per_device"]
             print(
-                f"{report['devices']:>3}  {name:<26} {state / 1e6:9.2f} {state / replicated:13.3f}"
+                f"{report['devices']:>3}  {name:<28} {state / 1e6:9.2f} {state / replicated:13.3f}"
                 f" {row['step_ms']:8.2f}"
             )
 

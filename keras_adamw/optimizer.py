@@ -62,18 +62,22 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         maximize: ascend instead of descend.
         implementation: ``"ops"`` (keras.ops; on torch, ``torch._foreach``
             ops per parameter group, as Keras's torch AdamW); ``"host"``, the Rust kernel on
-            float32 variables in CPU memory: in place on torch, an XLA custom
-            call on the donated buffers inside JAX's compiled step, a
-            ``tf.numpy_function`` writing host arrays that TF then assigns
-            (not under XLA: compile with ``jit_compile=False``); or ``"auto"``:
+            variables in CPU memory: in place on torch, an XLA custom call on
+            the donated buffers inside JAX's compiled step (on each device's
+            shards under a `keras.distribution`), a TensorFlow op of ours
+            whose new values TF's variables adopt (not under XLA: compile
+            with ``jit_compile=False``); or ``"auto"``:
             host where it can run, else ops (and ops under TF's XLA, and
             in JAX steps jitted outside Keras's trainer, which may not
             donate the state; pass ``"host"`` there if yours does).
         offload_state: keep m, v (and v̂) as NumPy arrays in host memory
-            instead of Keras variables; the update runs in the host kernel,
-            and only parameters and gradients cross (JAX: an ordered host
-            callback; TF: tf.numpy_function; torch: in place on CPU variables,
-            through host staging buffers for variables on an accelerator).
+            instead of Keras variables; the host kernel updates them in
+            place, and only parameters and gradients cross (JAX on CPU: by
+            reference from the compiled step, under a `keras.distribution`
+            one block per device, 1/N with ``shard_state``; JAX on an
+            accelerator: an ordered host callback; TF: an op of ours; torch:
+            in place on CPU variables, through host staging buffers for
+            variables on an accelerator).
         shard_state: under a `keras.distribution` with a data-parallel axis
             (``DataParallel``, or a ``ModelParallel`` mesh's batch axis), lay
             out m, v (and v̂) sharded along that axis, as ZeRO stage 1 does:
@@ -278,7 +282,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 [
                     None
                     if self._overwrite_variable_with_gradient(v)
-                    else self._host_slot(v.shape, moment)
+                    else self._host_slot(v, moment)
                     for v in var_list
                 ]
                 for moment in moments
@@ -307,13 +311,20 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
                 self._seed_generator = keras.random.SeedGenerator(name="stochastic_rounding")
             self._track_variable(self._seed_generator.state)
 
-    def _host_slot(self, shape: tuple[int, ...], moment: int) -> Any:
-        """A slot in host memory: an array of the state dtype, or 8-bit block-wise."""
-        if self.state_dtype == "int8":
-            state = host.QuantizedState(shape, moment=moment)
-            state.codes.fill(0)  # touched now, as np.full touches an array's pages
-            return state
-        return np.full(shape, 0.0, host._dtype(self.state_dtype))
+    def _host_slot(self, variable: Any, moment: int) -> Any:
+        """A slot of ``variable`` in host memory: an array of the state dtype,
+        or 8-bit block-wise; under a distribution, one such block per device."""
+
+        def block(shape: tuple[int, ...]) -> Any:
+            if self.state_dtype == "int8":
+                state = host.QuantizedState(shape, moment=moment)
+                state.codes.fill(0)  # touched now, as np.full touches an array's pages
+                return state
+            return np.full(shape, 0.0, host._dtype(self.state_dtype))
+
+        split = sharding.host_state_sharding(variable, self.shard_state)
+        shape = tuple(variable.shape)
+        return block(shape) if split is None else sharding.HostShards(shape, split, block)
 
     def _new_master(self, variable: Any) -> Any:
         """A float32 copy of ``variable``: an optimizer variable, or a host
@@ -321,6 +332,11 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         made the initial value: TF may build inside a traced step, where an
         assignment would join the step's graph instead."""
         value = backends.current().saved_value(variable).astype(np.float32)
+        split = sharding.host_state_sharding(variable, self.shard_state)
+        if self._state_in_host_memory and split is not None:
+            master = sharding.HostShards(value.shape, split, lambda s: np.empty(s, np.float32))
+            master.assign(value)
+            return master
         if self._state_in_host_memory:
             return value
         return self.add_variable_from_reference(
@@ -683,7 +699,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         for target, array in zip(layout, arrays, strict=True):
             if target is None:
                 continue
-            if isinstance(target, (np.ndarray, host.QuantizedState)):
+            if isinstance(target, sharding.HostShards):
+                target.assign(array)
+            elif isinstance(target, (np.ndarray, host.QuantizedState)):
                 host._copy_state_into(target, array)  # converting, quantising
             else:
                 target.assign(array.astype(host._dtype(_dtype(target)), copy=False))
@@ -874,14 +892,16 @@ def _peak_learning_rate(learning_rate: Any) -> float | None:
 
 def _copy_into_master(master: Any, variable: Any) -> None:
     """``variable``'s values into its float32 master (a host array or a Keras variable)."""
-    if isinstance(master, np.ndarray):
+    if isinstance(master, sharding.HostShards):
+        master.assign(backends.current().saved_value(variable))
+    elif isinstance(master, np.ndarray):
         np.copyto(master, backends.current().saved_value(variable))
     else:
         master.assign(ops.cast(variable, "float32"))
 
 
 def _in_host_memory(x: Any) -> bool:
-    return isinstance(x, (np.ndarray, host.QuantizedState))
+    return isinstance(x, (np.ndarray, host.QuantizedState, sharding.HostShards))
 
 
 def _host_values(x: Any, copy: bool = False) -> np.ndarray:
@@ -890,6 +910,8 @@ def _host_values(x: Any, copy: bool = False) -> np.ndarray:
     the same codes), a Keras variable's as NumPy holds them."""
     if isinstance(x, host.QuantizedState):
         return x.to_float()
+    if isinstance(x, sharding.HostShards):
+        return x.to_array()
     if isinstance(x, np.ndarray):
         return x.copy() if copy else x
     return np.array(x.numpy())

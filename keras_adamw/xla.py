@@ -148,12 +148,18 @@ def adamw_update_host_state(
     maximize: bool = False,
     rounding: str = "nearest",
     seed: Any = 0,
+    state_id: Any = None,
 ) -> list[Any]:
     """`adamw_update` with the state in `state`'s host arrays, updated in
     place when the step runs; returns the new params (with `state`'s masters:
     the masters' rounded copies, in the params' 16-bit dtype). The call has a
     side effect, so XLA neither drops nor merges it; inside `jax.lax.cond` it
-    runs only where its branch is taken."""
+    runs only where its branch is taken.
+
+    ``state_id``: under `jax.shard_map`, where each device updates a state of
+    its own, the `HostState.id` of this device's (a traced integer, picked by
+    the device's position); ``state`` is then any one of them, for its shapes
+    and options. By default ``state.id``."""
     import jax.numpy as jnp
 
     params, grads = list(params), list(grads)
@@ -176,11 +182,12 @@ def adamw_update_host_state(
         decay_form=decay_form,
         maximize=bool(maximize),
         amsgrad=state.amsgrad,
-        host_state=state.id,
+        host_state=True,
         stochastic=rounding == "stochastic",
     )
     scalars = [step, learning_rate, weight_decay] + ([seed] if rounding == "stochastic" else [])
-    return list(_call(scalars, [params], grads, options))
+    state_id = state.id if state_id is None else state_id
+    return list(_call([*scalars, state_id], [params], grads, options))
 
 
 def _call(
@@ -205,8 +212,6 @@ def _call(
         for name, value in options.items()
         if value is not None
     }
-    if "host_state" in attributes:
-        attributes["host_state"] = np.int64(attributes["host_state"])
     return jax.ffi.ffi_call(
         register(),
         [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in results],  # type: ignore[no-untyped-call]

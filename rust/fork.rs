@@ -33,6 +33,7 @@ extern "C" fn prepare() {
         Box::new(crate::parallel::lock()),
         Box::new(crate::in_flight::lock()),
         Box::new(crate::host_state::lock()),
+        Box::new(crate::tensorflow_op::lock()),
     ];
     HELD.with(|held| *held.borrow_mut() = guards);
 }
@@ -47,12 +48,15 @@ mod tests {
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
-    /// Forks while another thread holds a lock of ours; the child takes it
-    /// and exits 0. Returns whether the child finished within 5 s.
-    fn child_takes_the_lock_after_a_fork_while_held() -> bool {
+    /// Takes one of our locks, boxed.
+    type TakeLock = fn() -> Box<dyn Any>;
+
+    /// Forks while another thread holds the lock `take` takes; the child
+    /// takes it and exits 0. Returns whether the child finished within 5 s.
+    fn child_takes_the_lock_after_a_fork_while_held(take: TakeLock) -> bool {
         let (locked, is_locked) = mpsc::channel();
         let holder = std::thread::spawn(move || {
-            let _guard = crate::in_flight::lock();
+            let _guard = take();
             locked.send(()).unwrap();
             std::thread::sleep(Duration::from_millis(200));
         });
@@ -60,7 +64,7 @@ mod tests {
         // SAFETY: the child only takes a lock and exits, without unwinding.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            drop(crate::in_flight::lock());
+            drop(take());
             // SAFETY: ends the child at once, running no destructors of the parent's.
             unsafe { libc::_exit(0) };
         }
@@ -89,6 +93,16 @@ mod tests {
     #[test]
     fn a_fork_while_another_thread_holds_a_lock_leaves_the_child_able_to_take_it() {
         install();
-        assert!(child_takes_the_lock_after_a_fork_while_held());
+        let locks: [(&str, TakeLock); 4] = [
+            ("pool", || Box::new(crate::parallel::lock())),
+            ("in flight", || Box::new(crate::in_flight::lock())),
+            ("host state", || Box::new(crate::host_state::lock())),
+            ("TensorFlow registration", || {
+                Box::new(crate::tensorflow_op::lock())
+            }),
+        ];
+        for (name, take) in locks {
+            assert!(child_takes_the_lock_after_a_fork_while_held(take), "{name}");
+        }
     }
 }

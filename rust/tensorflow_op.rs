@@ -139,11 +139,18 @@ const DTYPE_INT64: c_int = 9;
 /// Set once the op is registered; the kernel's callbacks read it.
 static API: OnceLock<Api> = OnceLock::new();
 
+/// Whether the ops are registered; held while registering them.
+static REGISTERED: Mutex<bool> = Mutex::new(false);
+
+/// The registration's lock, held across a fork (`crate::fork`).
+pub(crate) fn lock() -> std::sync::MutexGuard<'static, impl Sized> {
+    REGISTERED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Registers the op and its CPU kernel with the TensorFlow whose framework
 /// library is loaded from `framework_library`. Once that succeeds, later calls
 /// return at once; a failed call may be retried.
 pub fn register(framework_library: &str) -> Result<(), String> {
-    static REGISTERED: Mutex<bool> = Mutex::new(false);
     let mut registered = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
     if !*registered {
         let api = load(framework_library)?;

@@ -4,7 +4,8 @@
 //! the update is in place, with no copies; otherwise XLA copies first.
 //!
 //! Operands: three scalars that change every step, `step`, `learning_rate` and
-//! `weight_decay` (and a fourth, `seed`, with `stochastic`), then n buffers
+//! `weight_decay` (then `seed`, with `stochastic`, and the id of registered
+//! `host_state`, with the `host_state` flag: `crate::host_state`), then n buffers
 //! each of `params`, `grads` (float32, bfloat16 or float16), `exp_avgs`,
 //! `exp_avg_sqs` and, with AMSGrad, `amsgrad_max` (float32 or bfloat16).
 //! With `param_copies`, n 16-bit buffers follow, which are not read. Results:
@@ -13,7 +14,8 @@
 //! params rounded to nearest (aliased to theirs, to be written in place).
 //! Attributes: `beta_1`, `beta_2`, `epsilon`, `epsilon_mode`,
 //! `weight_decay_mode`, `maximize`, `amsgrad` and, optionally, `decay_form`,
-//! `param_copies` and `stochastic` (16-bit stores rounded stochastically).
+//! `param_copies`, `stochastic` (16-bit stores rounded stochastically) and
+//! `host_state` (the state lists are host memory, not operands or results).
 //!
 //! The structs mirror `xla/ffi/api/c_api.h` (FFI API 0.1, a stable C ABI) as
 //! far as the handler reads them. Everything is checked before the first write;
@@ -555,12 +557,16 @@ unsafe fn execute(frame: &CallFrame) -> Result<(), InvalidArgument> {
     };
     let copies = flag(&attrs, "param_copies")?;
     let stochastic = flag(&attrs, "stochastic")?;
-    let scalars = 3 + usize::from(stochastic);
-    // With `host_state`, the state lists are registered host buffers, not operands.
-    let host_state = match attrs.iter().any(|(name, _)| name == "host_state") {
+    let by_reference = flag(&attrs, "host_state")?;
+    let scalars = 3 + usize::from(stochastic) + usize::from(by_reference);
+    // With `host_state`, the state lists are registered host buffers, not
+    // operands, named by the last scalar: an operand, so that each device of a
+    // sharded step can name its own shard's state.
+    let host_state = match by_reference {
         false => None,
         true => {
-            let id = number(&attrs, "host_state")?;
+            // SAFETY: the caller's contract (the scalar operands were counted).
+            let id = unsafe { scalar_operand(&frame.args, scalars - 1, "host_state")? };
             let state = host_state::lookup(id as u64)
                 .filter(|_| id >= 0.0 && id.fract() == 0.0)
                 .ok_or_else(|| {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from keras import ops
 
-from keras_adamw import xla
+from keras_adamw import sharding, xla
 
 if TYPE_CHECKING:
     from keras_adamw.optimizer import AdamW
@@ -27,10 +27,16 @@ def host_dtypes(offload_state: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
     value = variable.value
     platforms = [device.platform for device in value.devices()]
-    if len(platforms) > 1 and (offload_state or layout_of(variable) is None):
+    if len(platforms) > 1 and layout_of(variable) is None:
         return (
-            "variables on one device, or laid out by a keras.distribution without "
-            f"offload_state ({variable.path} is on {len(platforms)})"
+            "variables on one device, or laid out by a keras.distribution "
+            f"({variable.path} is on {len(platforms)})"
+        )
+    if len(platforms) > 1 and offload_state and platforms[0] != "cpu":
+        return (
+            "CPU devices for offloaded state on several devices (an accelerator's "
+            f"offloaded step is a host callback on one device; {variable.path} is on "
+            f"{len(platforms)} {platforms[0]} devices)"
         )
     if platforms[0] != "cpu" and not offload_state:
         return f"variables in CPU memory ({variable.path} is on {platforms[0]})"
@@ -40,10 +46,7 @@ def unsupported_reason(variable: Any, offload_state: bool) -> str | None:
 def layout_of(variable: Any) -> Any:
     """The `jax.sharding.NamedSharding` a keras.distribution lays ``variable``
     out by when it spans several devices, else None."""
-    layout = getattr(variable, "_layout", None)
-    sharding = getattr(layout, "backend_layout", layout)
-    mesh = getattr(sharding, "mesh", None)
-    return sharding if mesh is not None and mesh.size > 1 else None
+    return sharding.named_sharding(getattr(variable, "_layout", None))
 
 
 def traced_by_keras_trainer() -> bool:
@@ -101,7 +104,7 @@ def dense(gradient: Any) -> Any:
 class HostPath:
     def __init__(self, optimizer: AdamW) -> None:
         self.optimizer = optimizer
-        self.host_states: dict[tuple[int, ...], xla.HostState] = {}
+        self.host_states: dict[tuple[tuple[int, ...], Any], xla.HostState] = {}
 
     def falls_back_to_ops(self, grads: list[Any]) -> bool:
         """ "auto" in a jitted step that Keras's trainer did not make: the
@@ -210,7 +213,6 @@ class HostPath:
                 step,
                 group_lr,
                 decay,
-                state=self.host_state([indices[k] for k in positions]),
                 beta_1=optimizer.beta_1,
                 beta_2=optimizer.beta_2,
                 epsilon=optimizer.epsilon,
@@ -218,6 +220,18 @@ class HostPath:
                 seed=optimizer._rounding_seed() if stochastic else 0,
                 **optimizer._kernel_options(),
             )
+            group = [indices[k] for k in positions]
+            momenta: list[Any] = optimizer._slots(group)[0]
+            if isinstance(momenta[0], sharding.HostShards):
+                update = functools.partial(
+                    host_state_on_each_shard,
+                    update,
+                    self.sharded_host_states(group),
+                    [layout_of(variables[k]) for k in positions],
+                    [momentum.sharding.spec for momentum in momenta],
+                )
+            else:
+                update = functools.partial(update, state=self.host_state(group))
             # JAX computes the update on every step and discards it between
             # accumulation boundaries; host state must not see those steps.
             keep = lambda params, grads: list(params)  # noqa: E731
@@ -226,13 +240,22 @@ class HostPath:
             for k, value in zip(positions, new_params, strict=True):
                 variables[k].assign(value)
 
-    def host_state(self, indices: list[int]) -> xla.HostState:
-        """The registered host state (slots, and masters if any) of these variables, made once."""
-        key = tuple(indices)
+    def host_state(self, indices: list[int], device: Any = None) -> xla.HostState:
+        """The registered host state (slots, and masters if any) of these
+        variables, made once; with ``device``, of its blocks (`HostShards`)."""
+        key = (tuple(indices), device)
         if key not in self.host_states:
             optimizer = self.optimizer
             momenta, velocities, velocity_hats = optimizer._slots(indices)
             masters = [optimizer._masters[i] for i in indices]
+            if device is not None:
+
+                def block(shards: Any) -> Any:
+                    return shards.blocks[device]
+
+                momenta, velocities = [*map(block, momenta)], [*map(block, velocities)]
+                velocity_hats = velocity_hats and [*map(block, velocity_hats)]
+                masters = [None if m is None else block(m) for m in masters]
             self.host_states[key] = xla.HostState(
                 momenta,
                 velocities,
@@ -240,6 +263,11 @@ class HostPath:
                 masters=None if masters[0] is None else masters,
             )
         return self.host_states[key]
+
+    def sharded_host_states(self, indices: list[int]) -> dict[Any, xla.HostState]:
+        """Per device of this process, the registered state of its blocks."""
+        devices: dict[Any, Any] = self.optimizer._slots(indices)[0][0].blocks
+        return {device: self.host_state(indices, device) for device in devices}
 
     def callback_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
@@ -293,6 +321,45 @@ class HostPath:
             variable.assign(value)
 
 
+def host_state_on_each_shard(
+    update: Any,
+    states: dict[Any, xla.HostState],
+    layouts: list[Any],
+    state_specs: list[Any],
+    params: list[Any],
+    grads: list[Any],
+) -> list[Any]:
+    """``update`` (`xla.adamw_update_host_state` with its scalars and options)
+    run by each device on its local shards (`jax.shard_map`) and its own
+    registered ``states`` block, named by the device's position in the mesh.
+    As in `on_each_shard`, a variable whose state is split further (ZeRO
+    stage 1) is cut to the state's block and gathered back."""
+    import jax
+    import jax.numpy as jnp
+
+    mesh = next(layout.mesh for layout in layouts if layout is not None)
+    variable_specs = [replicated() if layout is None else layout.spec for layout in layouts]
+    blocks = StateBlocks(mesh, variable_specs, state_specs)
+    ids = np.array([states[d].id if d in states else -1 for d in mesh.devices.flat], np.int32)
+    any_state = next(iter(states.values()))
+
+    def local(params: list[Any], grads: list[Any]) -> list[Any]:
+        position = 0
+        for name in mesh.axis_names:  # row-major, as mesh.devices
+            position = position * mesh.shape[name] + jax.lax.axis_index(name)
+        new = update(
+            [blocks.cut(k, p) for k, p in enumerate(params)],
+            [blocks.cut(k, g) for k, g in enumerate(grads)],
+            state=any_state,
+            state_id=jnp.asarray(ids)[position],
+        )
+        return [blocks.join(k, p) for k, p in enumerate(new)]
+
+    sharded = unchecked_shard_map(local, mesh, (variable_specs, variable_specs), variable_specs)
+    new_params: list[Any] = sharded(params, grads)
+    return new_params
+
+
 def call_update(
     update: Any, scalars: tuple[Any, ...], arrays: xla.Updated, grads: list[Any]
 ) -> Any:
@@ -326,8 +393,6 @@ def on_each_shard(
     (and masters) of `shard_state` is split further along the data axis than
     its variable, as ZeRO stage 1 splits it: there each device updates its
     slice of the variable, which the devices then gather back whole."""
-    import jax
-
     mesh = next(layout.mesh for layout in layouts if layout is not None)
     # The variables' specs (variables, their gradients and 16-bit copies),
     # and each target's own (the state's, and masters', may add the data axis).
@@ -336,6 +401,7 @@ def on_each_shard(
         *[None if group is None else [spec_of(v) for v in group] for group in targets]  # type: ignore[arg-type]
     )
     state_specs = target_specs.exp_avgs
+    blocks = StateBlocks(mesh, variable_specs, state_specs)
     # The written lists laid out as the variables are (params without
     # masters, copies): cut to the state's block before, gathered after.
     cut = [
@@ -344,46 +410,63 @@ def on_each_shard(
         if getattr(arrays, name) is not None and getattr(target_specs, name) == variable_specs
     ]
 
-    def split(k: int, x: Any) -> Any:
-        """Tensor k's local block of the variable, cut to its state's block."""
-        for dim, axis in extra_axes(variable_specs[k], state_specs[k]):
-            size = x.shape[dim] // mesh.shape[axis]
-            x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * size, size, dim)
-        return x
-
-    def join(k: int, x: Any) -> Any:
-        for dim, axis in reversed(extra_axes(variable_specs[k], state_specs[k])):
-            x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
-        return x
-
     def local(scalars: Any, arrays: xla.Updated, grads: list[Any]) -> xla.Updated:
         arrays = arrays._replace(
-            **{name: [split(k, x) for k, x in enumerate(getattr(arrays, name))] for name in cut}
+            **{
+                name: [blocks.cut(k, x) for k, x in enumerate(getattr(arrays, name))]
+                for name in cut
+            }
         )
         new: xla.Updated = call_update(
-            update, scalars, arrays, [split(k, g) for k, g in enumerate(grads)]
+            update, scalars, arrays, [blocks.cut(k, g) for k, g in enumerate(grads)]
         )
         return new._replace(
-            **{name: [join(k, x) for k, x in enumerate(getattr(new, name))] for name in cut}
+            **{name: [blocks.join(k, x) for k, x in enumerate(getattr(new, name))] for name in cut}
         )
 
     whole = tuple(replicated() for _ in scalars)
-    # The custom call has no replication rule: that the outputs hold their
-    # specs is ours to keep (the gathers do), not JAX's to check.
+    in_specs = (whole, target_specs, variable_specs)
+    return unchecked_shard_map(local, mesh, in_specs, target_specs)(scalars, arrays, grads)
+
+
+class StateBlocks:
+    """Within `jax.shard_map`: a device's local block of each variable (or
+    gradient) cut to its state's block, where ``shard_state`` splits the
+    state along an axis its variable is not split on, and gathered back."""
+
+    def __init__(self, mesh: Any, variable_specs: list[Any], state_specs: list[Any]) -> None:
+        self.mesh = mesh
+        self.extra = [extra_axes(v, s) for v, s in zip(variable_specs, state_specs, strict=True)]
+
+    def cut(self, k: int, x: Any) -> Any:
+        import jax
+
+        for dim, axis in self.extra[k]:
+            size = x.shape[dim] // self.mesh.shape[axis]
+            x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * size, size, dim)
+        return x
+
+    def join(self, k: int, x: Any) -> Any:
+        import jax
+
+        for dim, axis in reversed(self.extra[k]):
+            x = jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+        return x
+
+
+def unchecked_shard_map(function: Any, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
+    """`jax.shard_map` without its replication check: the custom call has no
+    replication rule, so that the outputs hold their specs is ours to keep
+    (the gathers do), not JAX's to check."""
+    import jax
+
     shard_map: Any = getattr(jax, "shard_map", None)
     unchecked = {"check_vma": False}
     if shard_map is None:  # JAX before 0.7
         from jax.experimental.shard_map import shard_map
 
         unchecked = {"check_rep": False}
-    sharded = shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(whole, target_specs, variable_specs),
-        out_specs=target_specs,
-        **unchecked,
-    )
-    return sharded(scalars, arrays, grads)
+    return shard_map(function, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **unchecked)
 
 
 def spec_of(variable: Any) -> Any:

@@ -1,7 +1,9 @@
 """Trains under a distribution strategy; run by test_distribution.py in a fresh
 process (device counts must be set before the backend starts).
 
-    python distributed_fit.py jax-data | jax-model | jax-sharded | jax-host | tf-mirrored
+    python distributed_fit.py MODE
+
+MODE: jax-data, jax-model, jax-sharded, jax-host, jax-offloaded or tf-mirrored.
 
 Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
 under the same strategy, and what the slots' placement was.
@@ -13,7 +15,7 @@ import sys
 
 mode = sys.argv[1]
 if mode.startswith("jax"):
-    devices = 4 if mode in ("jax-sharded", "jax-host") else 2
+    devices = 4 if mode in ("jax-sharded", "jax-host", "jax-offloaded") else 2
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["KERAS_BACKEND"] = "jax"
 else:
@@ -118,6 +120,66 @@ elif mode == "jax-host":
             report[f"{name}, shard_state={shard_state}"] = difference
             report[f"{name}, shard_state={shard_state}, on host"] = host.optimizer._on_host
     report["auto on host"] = AdamW()._resolve_implementation(host.trainable_variables)
+elif mode == "jax-offloaded":
+    # Offloaded state on each device's shards against the ops path, on the
+    # meshes of jax-host. Per configuration: the elements of each device's
+    # block of the hidden kernel's momentum; a .keras file of it resumed under
+    # the same distribution against the run that goes on; and the state it
+    # holds, loaded without a distribution, against the ops path's (relative
+    # to each array's largest value).
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden/kernel"] = (None, "model")
+    distributions = {
+        "data": keras.distribution.DataParallel(devices=devices),
+        "model": keras.distribution.ModelParallel(layout_map=layout_map),
+    }
+    for name, distribution in distributions.items():
+        keras.distribution.set_distribution(distribution)
+        for shard_state in (False, True):
+            offloaded = train(AdamW(offload_state=True, shard_state=shard_state, **kwargs))
+            on_ops = train(AdamW(implementation="ops", shard_state=shard_state, **kwargs))
+            key = f"{name}, shard_state={shard_state}"
+            pairs = zip(weights(offloaded), weights(on_ops), strict=True)
+            report[key] = max(float(np.abs(a - b).max()) for a, b in pairs)
+            momentum = offloaded.optimizer._momentums[0]  # the hidden kernel's (8, 16)
+            report[f"{key}, blocks"] = sorted(int(b.size) for b in momentum.blocks.values())
+            path = f"{name}-{shard_state}.keras"
+            offloaded.save(path)
+            resumed = keras.saving.load_model(path)  # under the same distribution
+            for model in (offloaded, resumed):
+                model.fit(*make_data(64), batch_size=16, shuffle=False, verbose=0)
+            pairs = zip(weights(offloaded), weights(resumed), strict=True)
+            report[f"{key}, resumed"] = max(float(np.abs(a - b).max()) for a, b in pairs)
+            keras.distribution.set_distribution(None)
+            state = keras.saving.load_model(path).optimizer.get_weights()
+            pairs = zip(state, on_ops.optimizer.get_weights(), strict=True)
+            report[f"{key}, reloaded"] = max(
+                float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in pairs
+            )
+            keras.distribution.set_distribution(distribution)
+    # A bfloat16 model: float32 masters offloaded in blocks beside the state.
+    keras.distribution.set_distribution(distributions["data"])
+    masters = {}
+    for name, options in {"offloaded": dict(offload_state=True), "ops": {}}.items():
+        model = make_model(dtype="bfloat16")
+        model.compile(optimizer=AdamW(shard_state=True, **options, **kwargs), loss="mse")
+        x, y = make_data(400)
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        masters[name] = [
+            np.asarray(m if name == "ops" else m.to_array(), np.float32)
+            for m in model.optimizer._masters
+        ]
+        if name == "offloaded":
+            report["bfloat16, master blocks"] = sorted(
+                int(b.size) for b in model.optimizer._masters[0].blocks.values()
+            )
+    pairs = zip(masters["offloaded"], masters["ops"], strict=True)
+    report["bfloat16, masters"] = max(float(np.abs(a - b).max()) for a, b in pairs)
+    initial = [np.asarray(w, np.float32) for w in make_model(dtype="bfloat16").get_weights()]
+    pairs = zip(masters["offloaded"], initial, strict=True)
+    report["bfloat16, masters moved"] = min(float(np.abs(a - b).max()) for a, b in pairs)
 elif mode == "tf-mirrored":
     import tensorflow as tf
 

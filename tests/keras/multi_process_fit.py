@@ -12,7 +12,8 @@ seconds, and a silent peer declared dead after HEARTBEAT seconds
 right after joining, as a worker that dies. Training is two `fit` epochs;
 with SAVE_AS set, every process saves the model after the first, to
 SAVE_AS.<process>.keras, and with RESUME set a run starts from that file and
-trains the second epoch only.
+trains the second epoch only. With OFFLOAD set, the state is offloaded:
+host memory of each process, holding its own devices' blocks.
 """
 
 import os
@@ -52,7 +53,13 @@ if os.environ.get("RESUME"):
     model = keras.saving.load_model(os.environ["RESUME"])
 else:
     model = make_model()
-    optimizer = AdamW(learning_rate=3e-3, weight_decay=0.05, amsgrad=True, shard_state=True)
+    optimizer = AdamW(
+        learning_rate=3e-3,
+        weight_decay=0.05,
+        amsgrad=True,
+        shard_state=True,
+        offload_state=bool(os.environ.get("OFFLOAD")),
+    )
     model.compile(optimizer=optimizer, loss="mse")
 optimizer = model.optimizer
 x, y = make_data(GLOBAL_BATCH * STEPS)
@@ -69,11 +76,10 @@ for epoch in (2,) if os.environ.get("RESUME") else (1, 2):
     model.fit(mine(x), mine(y), batch_size=share, epochs=1, shuffle=False, verbose=0)
     if epoch == 1 and os.environ.get("SAVE_AS"):
         model.save(f"{os.environ['SAVE_AS']}.{process}.keras")  # a collective: every process
-slot = next(v for v in optimizer.variables if v.path.endswith("hidden_kernel_momentum"))
+if optimizer.offload_state:  # the hidden kernel's momentum: host blocks of this process's devices
+    shards = [block.size for block in optimizer._momentums[0].blocks.values()]
+else:
+    slot = next(v for v in optimizer.variables if v.path.endswith("hidden_kernel_momentum"))
+    shards = [shard.data.size for shard in slot.value.addressable_shards]
 if process == 0:
-    np.savez(
-        out,
-        *weights(model),
-        devices=len(jax.devices()),
-        slot_shard=max(s.data.size for s in slot.value.addressable_shards),
-    )
+    np.savez(out, *weights(model), devices=len(jax.devices()), slot_shards=shards)

@@ -86,6 +86,35 @@ def test_the_host_kernel_runs_on_each_devices_shards_like_the_ops_path(tmp_path)
     assert report["auto on host"]
 
 
+@jax_only
+def test_offloaded_state_is_each_devices_block_in_host_memory_and_trains_like_ops(tmp_path):
+    """offload_state under DataParallel over 4 devices and a 2 x 2 mesh: each
+    device's kernel call updates its own block of host memory, 1/4 of the
+    hidden kernel's state with shard_state. Within 1e-6 of the ops path. A
+    saved file resumes exactly, and loaded without a distribution holds the
+    ops path's state (as far as the runs' rounding apart lets m and v agree:
+    a block out of place would be off by its whole size)."""
+    report = run("jax-offloaded", tmp_path)
+    kernel = 8 * 16
+    blocks = {  # (mesh, shard_state): the hidden kernel's momentum per device
+        ("data", False): [kernel] * 4,  # replicated: a copy per device
+        ("data", True): [kernel // 4] * 4,
+        ("model", False): [kernel // 2] * 4,  # split by the model axis
+        ("model", True): [kernel // 4] * 4,
+    }
+    for (name, shard_state), expected in blocks.items():
+        key = f"{name}, shard_state={shard_state}"
+        assert report[key] <= 1e-6, key
+        assert report[f"{key}, blocks"] == expected, key
+        assert report[f"{key}, resumed"] == 0.0, key
+        assert report[f"{key}, reloaded"] <= 1e-4, key
+    # A bfloat16 model's float32 masters: offloaded in blocks (shard_state), as
+    # the ops path's; every master moved from its initial value.
+    assert report["bfloat16, master blocks"] == [kernel // 4] * 4
+    assert report["bfloat16, masters"] <= 1e-6
+    assert report["bfloat16, masters moved"] > 1e-3
+
+
 @tf_only
 def test_mirrored_strategy_matches_keras_adamw(tmp_path):
     report = run("tf-mirrored", tmp_path)
@@ -107,21 +136,28 @@ def test_multi_worker_mirrored_strategy_on_localhost_matches_one_worker(tmp_path
 
 
 @jax_only
+@pytest.mark.parametrize("offload", [False, True], ids=["slot variables", "offloaded"])
 def test_two_processes_with_sharded_state_train_and_save_as_one_process_of_four_devices(
-    tmp_path,
+    tmp_path, offload
 ):
     """keras.distribution across 2 processes of 2 CPU devices (gloo over
-    localhost), shard_state on: the same weights as 1 process of 4 devices."""
+    localhost), shard_state on: the same weights as 1 process of 4 devices.
+    Offloaded, each process holds its 2 devices' blocks of the state only."""
     checkpoint = str(tmp_path / "after-epoch-1")
-    one = run_processes("multi_process_fit.py", 1, tmp_path)
-    two = run_processes("multi_process_fit.py", 2, tmp_path, SAVE_AS=checkpoint)
+    offloaded = {"OFFLOAD": "1"} if offload else {}
+    one = run_processes("multi_process_fit.py", 1, tmp_path, **offloaded)
+    two = run_processes("multi_process_fit.py", 2, tmp_path, SAVE_AS=checkpoint, **offloaded)
     assert int(one["devices"]) == int(two["devices"]) == 4
-    assert int(two["slot_shard"]) == 8 * 16 // 4  # the hidden kernel's slots, split 4 ways
+    quarter = 8 * 16 // 4  # the hidden kernel's slots, split 4 ways
+    assert list(one["slot_shards"]) == [quarter] * 4
+    assert list(two["slot_shards"]) == [quarter] * 2  # process 0's devices
     pairs = zip(weight_arrays(one), weight_arrays(two), strict=True)
     assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
     # Saved by both processes after epoch 1 (the sharded slots gathered), loaded
     # by one process of 4 devices for epoch 2: it ends where the 2 processes did.
-    resumed = run_processes("multi_process_fit.py", 1, tmp_path, RESUME=checkpoint + ".0.keras")
+    resumed = run_processes(
+        "multi_process_fit.py", 1, tmp_path, RESUME=checkpoint + ".0.keras", **offloaded
+    )
     pairs = zip(weight_arrays(resumed), weight_arrays(two), strict=True)
     assert max(np.abs(a - b).max() for a, b in pairs) <= 1e-6
 
