@@ -159,6 +159,22 @@ elif mode == "jax-offloaded":
                 float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in pairs
             )
             keras.distribution.set_distribution(distribution)
+    # Gradient accumulation (the call under jax.lax.cond), and 8-bit state in
+    # blocks of its own, loaded as it was saved (under the same distribution:
+    # elsewhere its blocks of 256 would fall apart and it is quantised anew).
+    keras.distribution.set_distribution(distributions["data"])
+    accumulating = dict(gradient_accumulation_steps=2, shard_state=True, **kwargs)
+    _, report["accumulation"] = compare(
+        lambda: AdamW(offload_state=True, **accumulating),
+        lambda: AdamW(implementation="ops", **accumulating),
+    )
+    eight_bit = train(AdamW(state_dtype="int8", shard_state=True, **kwargs))
+    codes = eight_bit.optimizer._momentums[0].blocks.values()
+    report["int8 blocks"] = sorted(int(block.codes.size) for block in codes)
+    eight_bit.save("int8.keras")
+    state = keras.saving.load_model("int8.keras").optimizer.get_weights()
+    pairs = zip(state, eight_bit.optimizer.get_weights(), strict=True)
+    report["int8 reloaded"] = max(float(np.abs(a - b).max()) for a, b in pairs)
     # A bfloat16 model: float32 masters offloaded in blocks beside the state.
     keras.distribution.set_distribution(distributions["data"])
     masters = {}

@@ -108,6 +108,11 @@ def test_offloaded_state_is_each_devices_block_in_host_memory_and_trains_like_op
         assert report[f"{key}, blocks"] == expected, key
         assert report[f"{key}, resumed"] == 0.0, key
         assert report[f"{key}, reloaded"] <= 1e-4, key
+    # With gradient accumulation; and 8-bit state, split 4 ways, saved and
+    # loaded unchanged.
+    assert report["accumulation"] <= 1e-6
+    assert report["int8 blocks"] == [kernel // 4] * 4
+    assert report["int8 reloaded"] == 0.0
     # A bfloat16 model's float32 masters: offloaded in blocks (shard_state), as
     # the ops path's; every master moved from its initial value.
     assert report["bfloat16, master blocks"] == [kernel // 4] * 4
