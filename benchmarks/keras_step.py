@@ -20,8 +20,9 @@ Then one epoch of `fit` of an embedding-heavy model. Median ms.
     python benchmarks/keras_step.py --memory   # peak extra memory of a step instead
     python benchmarks/keras_step.py --dtypes   # 16-bit models and compact state instead
 
-The peak resident memory of a few steps on one large variable, above the
-memory after `build`, each contender in a process of its own (Linux).
+The peak resident memory of a few steps on one large variable (or, with
+--memory-tensors K, the same parameters as K variables), above the memory
+after `build`, each contender in a process of its own (Linux).
 
 With --dtypes, the trainer's step of float32 and bfloat16 models
 (keras.optimizers.AdamW, ours on ops and on the host path, with float32 and
@@ -357,8 +358,8 @@ def resident_bytes(field):
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 
-def measure_memory(backend, name, total, steps):
-    """Peak resident memory of `name` on one variable of `total` parameters, in
+def measure_memory(backend, name, total, steps, tensors=1):
+    """Peak resident memory of `name` on `tensors` variables of `total` parameters, in
     units of the parameter size: over the first `steps` steps above the memory
     right after `build`, then over `steps` more above the memory before them
     (the steady state). One contender per process, so no other's freed memory
@@ -368,8 +369,9 @@ def measure_memory(backend, name, total, steps):
     import keras
     import numpy as np
 
-    variables = [keras.Variable(np.ones(total, np.float32))]
-    grads = [keras.ops.convert_to_tensor(np.full(total, 1e-3, np.float32))]
+    size = total // tensors
+    variables = [keras.Variable(np.ones(size, np.float32)) for _ in range(tensors)]
+    grads = [keras.ops.convert_to_tensor(np.full(size, 1e-3, np.float32)) for _ in variables]
     step = step_function(backend, name, variables, grads)
     peaks = []
     for _ in range(2):
@@ -379,7 +381,7 @@ def measure_memory(backend, name, total, steps):
             clear.write("5")  # the peak (VmHWM) starts again from the memory now
         for _ in range(steps):
             step()
-        peaks.append((resident_bytes("VmHWM") - before) / (4 * total))
+        peaks.append((resident_bytes("VmHWM") - before) / (4 * size * tensors))
     return peaks
 
 
@@ -389,7 +391,10 @@ def run_backend(args):
     backend = keras.backend.backend()
     if args.memory_of:
         total = parse_size(args.memory_size)
-        print(json.dumps(measure_memory(backend, args.memory_of, total, args.memory_steps)))
+        peak = measure_memory(
+            backend, args.memory_of, total, args.memory_steps, args.memory_tensors
+        )
+        print(json.dumps(peak))
         return
     if args.steps_of:
         size, tensors = args.steps_of.split("x")
@@ -506,7 +511,8 @@ def plot_reports(reports, path):
 def report_memory(args):
     """Processes per backend and contender, interleaved; prints the median peaks."""
     print(
-        f"Peak extra resident memory of one {args.memory_size}-parameter float32 variable,"
+        f"Peak extra resident memory of {args.memory_size} float32 parameters as"
+        f" {args.memory_tensors} variable(s),"
         " x the parameter size, median of"
         f" {args.memory_reps} processes: over the first {args.memory_steps} steps (above the"
         f" memory after build), and over {args.memory_steps} steps after those:"
@@ -557,6 +563,7 @@ def main():
         "--memory", action="store_true", help="peak extra memory of a step instead of time"
     )
     parser.add_argument("--memory-size", default="128M")
+    parser.add_argument("--memory-tensors", type=int, default=1)
     parser.add_argument("--memory-steps", type=int, default=5)
     parser.add_argument("--memory-reps", type=int, default=3)
     parser.add_argument("--plot", metavar="PNG", help="also draw the step tables as a PNG chart")
