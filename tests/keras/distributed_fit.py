@@ -3,7 +3,8 @@ process (device counts must be set before the backend starts).
 
     python distributed_fit.py MODE
 
-MODE: jax-data, jax-model, jax-sharded, jax-host, jax-offloaded or tf-mirrored.
+MODE: jax-data, jax-model, jax-sharded, jax-host, jax-offloaded, jax-cases or
+tf-mirrored.
 
 Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
 under the same strategy, and what the slots' placement was.
@@ -15,7 +16,7 @@ import sys
 
 mode = sys.argv[1]
 if mode.startswith("jax"):
-    devices = 4 if mode in ("jax-sharded", "jax-host", "jax-offloaded") else 2
+    devices = 4 if mode in ("jax-sharded", "jax-host", "jax-offloaded", "jax-cases") else 2
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["KERAS_BACKEND"] = "jax"
 else:
@@ -23,7 +24,7 @@ else:
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras_helpers import make_data, make_model, weights  # noqa: E402
+from keras_helpers import fit, make_data, make_model, max_difference, weights  # noqa: E402
 
 from keras_adamw import AdamW  # noqa: E402
 
@@ -196,6 +197,21 @@ elif mode == "jax-offloaded":
     initial = [np.asarray(w, np.float32) for w in make_model(dtype="bfloat16").get_weights()]
     pairs = zip(masters["offloaded"], initial, strict=True)
     report["bfloat16, masters moved"] = min(float(np.abs(a - b).max()) for a, b in pairs)
+elif mode == "jax-cases":
+    # Every option of test_parity.py, 100 steps under DataParallel over 4
+    # devices: shard_state on the ops path, and offloaded with shard_state
+    # (the host kernel on each device's block), against the unsharded ops path.
+    from test_parity import CASES
+
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    report["cases"] = list(CASES)
+    for name, options in CASES.items():
+        unsharded = fit(AdamW(implementation="ops", **options))
+        sharded = fit(AdamW(implementation="ops", shard_state=True, **options))
+        offloaded = fit(AdamW(offload_state=True, shard_state=True, **options))
+        report[f"{name}, sharded"] = float(max_difference(sharded, unsharded))
+        report[f"{name}, offloaded"] = float(max_difference(offloaded, unsharded))
 elif mode == "tf-mirrored":
     import tensorflow as tf
 
