@@ -461,32 +461,50 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         gradient = ops.cast(gradient, dtype)
         if self.maximize:
             gradient = ops.negative(gradient)
+        slots = [s[index] for s in self._slot_lists()]
+        # Nothing to round: update the variables in place, as Keras's AdamW
+        # does, so that no step holds new m, v and p beside the old ones.
+        in_place = master is None and all(_dtype(x) == dtype for x in [weights, *slots])
         p = ops.cast(weights, dtype)
         if wd_factor != 0.0:
-            p = self._decayed(p, lr, ops.cast(learning_rate, dtype), wd_factor)
+            into = weights if in_place else None
+            p = self._decayed(p, lr, ops.cast(learning_rate, dtype), wd_factor, into)
 
         local_step = ops.cast(self.iterations + 1, dtype)
         beta_1_power = ops.power(ops.cast(self.beta_1, dtype), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, dtype), local_step)
-        m = ops.cast(self._momentums[index], dtype)
-        v = ops.cast(self._velocities[index], dtype)
-        m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        v = ops.add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
-        self._store(self._momentums[index], m)
-        self._store(self._velocities[index], v)
+        m, v = (ops.cast(x, dtype) for x in slots[:2])
+        m = self._add(
+            slots[0], m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1), in_place
+        )
+        g2 = ops.square(gradient)
+        v = self._add(slots[1], v, ops.multiply(ops.subtract(g2, v), 1 - self.beta_2), in_place)
         if self.amsgrad:
-            v = ops.maximum(ops.cast(self._velocity_hats[index], dtype), v)
-            self._store(self._velocity_hats[index], v)
+            v = ops.maximum(ops.cast(slots[2], dtype), v)
+            self._store(slots[2], v)
         if self.epsilon_mode == "keras":
             alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
             step = ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon))
         else:
             denominator = ops.sqrt(v) / ops.sqrt(1 - beta_2_power) + self.epsilon
             step = ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator)
+        if in_place:
+            self.assign_sub(weights, step)
+            return
         p = ops.subtract(p, step)
         self._store(weights, p)
         if master is not None:
             self.assign(variable, ops.cast(p, variable.dtype))  # to nearest
+
+    def _add(self, target: Any, current: Any, change: Any, in_place: bool) -> Any:
+        """``current + change`` into ``target``: in place (the value is then
+        ``target``'s), or stored, rounded as ``target`` stores."""
+        if in_place:
+            self.assign_add(target, change)
+            return target
+        value = ops.add(current, change)
+        self._store(target, value)
+        return value
 
     def _store(self, target: Any, value: Any) -> None:
         """``value`` into a variable of its dtype, or of a 16-bit one: rounded
@@ -497,9 +515,12 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             value = rounding.stochastic(value, dtype, random)
         self.assign(target, ops.cast(value, dtype))
 
-    def _decayed(self, p: Any, lr: Any, schedule_lr: Any, wd_factor: float) -> Any:
+    def _decayed(
+        self, p: Any, lr: Any, schedule_lr: Any, wd_factor: float, into: Any = None
+    ) -> Any:
         """``p`` after weight decay, before the Adam step, rounded as the
-        reference rounds it.
+        reference rounds it; with ``into`` (p's variable), decayed in place
+        and returned.
 
         ``lr`` is this variable's learning rate (its multiplier applied),
         ``schedule_lr`` the optimizer's.
@@ -509,8 +530,15 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             wd = wd * wd_factor
         scale = self._decay_scale(lr, schedule_lr)
         if self._multiplicative_decay:
-            return p * (1 - wd * scale)  # p·(1 − lr·wd)
-        return p - p * wd * scale  # p − p·wd·lr
+            decayed = p * (1 - wd * scale)  # p·(1 − lr·wd)
+            if into is None:
+                return decayed
+            self.assign(into, decayed)
+        elif into is None:
+            return p - p * wd * scale  # p − p·wd·lr
+        else:
+            self.assign_sub(into, p * wd * scale)
+        return into
 
     def _decay_scale(self, lr: Any, schedule_lr: Any) -> Any:
         """What multiplies the weight decay in its rate, on either path: the
