@@ -6,6 +6,7 @@ import contextlib
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -142,7 +143,7 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         master_weights: bool | None = None,
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
-        name: str = "adamw",
+        name: str | None = None,
         **kwargs: Any,
     ) -> None:
         learning_rate = _checked_learning_rate(learning_rate)  # the base class takes a float
@@ -193,6 +194,9 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             _peak_learning_rate(learning_rate) if weight_decay_mode == "decoupled" else None
         )
         self._weight_decay = self._build_weight_decay(weight_decay)
+        _OWNERS[id(self._iterations)] = self  # see set_weights
+        # A saved state loaded before build, which build assigns.
+        self._unbuilt_state: list[np.ndarray] | None = None
         # Keras on its torch backend multiplies by the float32 factor (1 − lr·wd);
         # elsewhere it subtracts p·wd·lr (and XLA may rewrite a product into
         # that). Float32 rounds the two apart by up to ~1e-6 over 100 steps, so
@@ -244,33 +248,39 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def exclude_from_weight_decay(
         self, var_list: Sequence[Any] | None = None, var_names: Sequence[str] | None = None
     ) -> None:
-        """Keras's method, kept for drop-in use: excludes ``var_list`` (by path)
-        and any variable whose path contains one of ``var_names`` (a regular
-        expression). Unlike Keras's, the exclusions are saved in the config."""
+        """Keras's method, with Keras's semantics: each call replaces the last,
+        ``var_names`` are searched in ``variable.name`` (on TF, as Keras's TF
+        optimizer sees it: the path and ``:0``), nothing of it is saved, and
+        a call after ``build`` applies from the next step (the next trace, in
+        a compiled step). The constructor's ``exclude_from_weight_decay``
+        (patterns searched in ``variable.path``) is saved in the config. A
+        variable that either excludes is not decayed."""
+        super().exclude_from_weight_decay(var_list, var_names)
         if self.built:
-            raise ValueError(
-                "exclude_from_weight_decay() must be called before the optimizer is built"
-            )
-        patterns = [f"^{re.escape(v.path)}$" for v in var_list or []] + list(var_names or [])
-        self._exclude_patterns += _compile_patterns("var_names", patterns)
+            self._variable_factors = [self._factors_for(v) for v in self._trainable_variables]
 
     def _factors_for(self, variable: Any) -> tuple[float, float]:
-        """(lr factor, weight decay factor) for a variable, from its path."""
+        """(lr factor, weight decay factor) for a Keras variable."""
         path = _path(variable)
         lr_factor = _first_match(self._lr_multipliers, path)
         excluded = any(p.search(path) for p in self._exclude_patterns)
+        excluded = excluded or not self._use_weight_decay(
+            backends.current().as_keras_updates_it(variable)
+        )
         wd_factor = 0.0 if excluded else _first_match(self._weight_decay_multipliers, path)
         return lr_factor, wd_factor
 
     def build(self, var_list: list[Any]) -> None:
         if self.built:
             return
+        # What the options cannot do raises here, before anything is built.
         self._check_dtypes(var_list)
+        on_host = self._resolve_implementation(var_list)
         super().build(var_list)
+        self._on_host = on_host
         # Resolved here, where the variables still have their paths (TF's
         # update_step sees raw tf.Variables); update_step looks them up by index.
         self._variable_factors = [self._factors_for(v) for v in var_list]
-        self._on_host = self._resolve_implementation(var_list)
         self._host_path = backends.current().HostPath(self)
         if self._state_in_host_memory:
             # Host memory owned by the optimizer, not Keras variables; none for the
@@ -310,6 +320,10 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             with keras.name_scope(self.name, caller=self):
                 self._seed_generator = keras.random.SeedGenerator(name="stochastic_rounding")
             self._track_variable(self._seed_generator.state)
+        unbuilt_state, self._unbuilt_state = self._unbuilt_state, None
+        if unbuilt_state is not None:  # loaded before build: see load_own_variables
+            with backends.current().eagerly():
+                self._load_state(unbuilt_state)
 
     def _host_slot(self, variable: Any, moment: int) -> Any:
         """A slot of ``variable`` in host memory: an array of the state dtype,
@@ -426,9 +440,14 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             # about even with TF's XLA, where auto falls back to ops anyway.
             return reason is None
         if reason is not None:
-            raise ValueError(
-                f'implementation="host", offload_state and state_dtype="int8" need {reason}'
+            needs = (
+                "offload_state=True"
+                if self.offload_state
+                else 'state_dtype="int8"'
+                if self.state_dtype == "int8"
+                else 'implementation="host"'
             )
+            raise ValueError(f"{needs} needs {reason}")
         return True
 
     # -- the update -------------------------------------------------------------
@@ -664,16 +683,20 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
 
     # -- the whole state: .keras files, get_weights and set_weights ------------------
 
-    def _state(self) -> list[Any]:
+    def _state(self, with_weight_decay: bool = False) -> list[Any]:
         """The whole state in Keras's order, the order of a `.keras` file and of
         `get_weights`/`set_weights`: the Keras variables, with any offloaded
         slots where Keras's Adam has its slot variables (each variable's
         momentum and velocity, interleaved, then each velocity_hat), then the
         masters and the rounding generator's state. So a file loads the same
-        with or without offloading."""
+        with or without offloading, and with `keras.optimizers.AdamW`: our
+        weight_decay variable is a hyperparameter that the config carries, as
+        Keras's float is (``with_weight_decay``: in its place among the
+        variables, as files of keras_adamw 0.1 hold it)."""
         masters, generator = self._optional_state()
         optional = masters + generator
-        state = [x for x in self.variables if not any(x is y for y in optional)]
+        skipped = optional if with_weight_decay else [self._weight_decay, *optional]
+        state = [x for x in self.variables if not any(x is y for y in skipped)]
         if self.built and self._state_in_host_memory:
             pairs = zip(self._momentums, self._velocities, strict=True)
             state += [slot for pair in pairs for slot in pair if slot is not None]
@@ -691,12 +714,19 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         return masters, generator
 
     def _saved_layouts(self) -> Iterator[list[Any]]:
-        """`_state()` as each configuration would have saved it, ours first:
-        without our weight_decay variable (`keras.optimizers.AdamW`), with or
-        without masters and the generator's state. Entries are our targets,
-        or None for a saved value we do not keep."""
+        """`_state()` as each configuration would have saved it, ours first
+        (also `keras.optimizers.AdamW`'s), then with our weight_decay variable
+        (keras_adamw 0.1), each with or without masters and the generator's
+        state. Entries are our targets, or None for a saved value we do not
+        keep. Before `build`, only the variables an optimizer has unbuilt."""
         masters, generator = self._optional_state()
-        core = self._state()[: -len(masters + generator) or None]
+        extra = len(masters + generator)
+        cores = [self._state()[: -extra or None]]
+        if isinstance(self._weight_decay, keras.Variable):
+            cores.append(self._state(with_weight_decay=True)[: -extra or None])
+        if not self.built:
+            yield from cores
+            return
         sixteen_bit = sum(
             _dtype(v) in rounding.SIXTEEN_BIT
             for v, m in zip(self._trainable_variables, self._momentums, strict=True)
@@ -704,9 +734,6 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         )
         saved_masters = [masters or [None] * sixteen_bit, []]
         saved_generator = [generator or [None], []]
-        cores = [core]
-        if isinstance(self._weight_decay, keras.Variable):
-            cores.append([x for x in core if x is not self._weight_decay])
         for kept in cores:
             for kept_masters in saved_masters:
                 for kept_generator in saved_generator:
@@ -747,11 +774,21 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets the whole state from `get_weights()` (of this class, with or without
         offloading, or of `keras.optimizers.AdamW`) or from another optimizer's
-        `variables` list; checks every shape before assigning any."""
-        if not self.built:
+        `variables` list; checks every shape before assigning any.
+
+        ``variables`` lists Keras variables only, so with state in host memory
+        (``offload_state``, 8-bit state) it lacks m and v; Keras's idiom
+        ``a.set_weights(b.variables)`` still carries ``b``'s whole state when
+        ``b`` is one of ours: that list is recognised as ``b``'s."""
+        if not self.built:  # Keras's words, which its own tests match
             raise ValueError(
-                "set_weights() needs a built optimizer: call optimizer.build(variables) first"
+                "You are calling `set_weights()` on an optimizer that has not yet been "
+                "built. Please call `optimizer.build(trainable_variables)` to create the "
+                "optimizer weights before calling `set_weights()`."
             )
+        owner = _OWNERS.get(id(weights[0])) if len(weights) else None
+        if owner is not None and owner._state_in_host_memory and _same(weights, owner.variables):
+            weights = owner.get_weights()  # its variables, and its state in host memory
         if not self._assign_state(list(weights), "weights"):
             raise ValueError(
                 f"set_weights got {len(weights)} arrays where this optimizer's state has "
@@ -764,13 +801,23 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             store[str(i)] = saved_value(x) if isinstance(x, keras.Variable) else _host_values(x)
 
     def load_own_variables(self, store: Any) -> None:
-        values = [store[str(i)] for i in range(len(store.keys()))]
+        """Loads a saved state (see `_saved_layouts`). Into an optimizer not
+        built yet (weights loaded into a freshly compiled model), the values
+        are kept and assigned by `build`, so training resumes where it
+        stopped; Keras's own optimizer skips them and starts afresh."""
+        values = [np.array(store[str(i)]) for i in range(len(store.keys()))]
+        if self.built or any(len(x) == len(values) for x in self._saved_layouts()):
+            self._load_state(values)
+        else:
+            self._unbuilt_state = values
+
+    def _load_state(self, values: list[np.ndarray]) -> None:
         if not self._assign_state(values, "the saved optimizer state"):
             warnings.warn(  # as Keras does: the optimizer starts afresh
                 f"Skipping variable loading for optimizer '{self.name}', because it has "
                 f"{len(self._state())} state arrays whereas the saved optimizer has "
                 f"{len(values)}.",
-                stacklevel=2,
+                stacklevel=3,
             )
 
     # -- config -------------------------------------------------------------------
@@ -817,6 +864,11 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
         return optimizer
 
 
+# Our optimizers by the id of their iterations variable, the first of their
+# `variables` (set_weights recognises another optimizer's `variables` by it).
+_OWNERS: weakref.WeakValueDictionary[int, AdamW] = weakref.WeakValueDictionary()
+
+
 # -- argument checks ------------------------------------------------------------
 
 
@@ -845,6 +897,11 @@ def _checked_learning_rate(learning_rate: Any) -> Any:
 
 
 def _checked_weight_decay(weight_decay: Any) -> float:
+    if weight_decay is None:  # Keras's words, which its own tests match
+        raise ValueError(
+            "Argument `weight_decay` must be a float. Received: weight_decay=None "
+            "(keras_adamw.AdamW also takes a LearningRateSchedule; 0 for no decay)"
+        )
     value = _real(weight_decay)
     if value is None or not 0 <= value < math.inf:
         raise ValueError(
@@ -945,6 +1002,11 @@ def _host_values(x: Any, copy: bool = False) -> np.ndarray:
     return np.array(x.numpy())
 
 
+def _same(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
+    """Whether two lists hold the same objects (not equal values: variables compare by value)."""
+    return len(xs) == len(ys) and all(x is y for x, y in zip(xs, ys, strict=True))
+
+
 def _shape_mismatch(layout: list[Any], arrays: list[np.ndarray], source: str) -> str | None:
     """Where `arrays` do not fit `layout`'s shapes, as an error message, or None."""
     for i, (target, array) in enumerate(zip(layout, arrays, strict=True)):
@@ -964,7 +1026,10 @@ def _host_unsupported_reason(var_list: list[Any], offload_state: bool) -> str | 
     for variable in var_list:
         path = _path(variable)
         if not isinstance(variable, keras.Variable):
-            return f"Keras variables ({path} is a {type(variable).__name__})"
+            return (
+                f"Keras variables ({path} is a {type(variable).__name__}: wrap it in a "
+                "keras.Variable, or keep this optimizer's state in Keras variables)"
+            )
         if _dtype(variable) not in dtypes:
             offloaded = " when offloaded" if offload_state else ""
             return (

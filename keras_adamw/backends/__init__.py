@@ -10,6 +10,12 @@ A backend module has:
   device, its distribution), or None when it can;
 - ``saved_value(variable) -> np.ndarray``: a Keras variable's value as a
   `.keras` file stores it;
+- ``as_keras_updates_it(variable)``: a Keras variable as Keras's own
+  optimizer hands it to its weight-decay check, whose ``name`` its
+  ``exclude_from_weight_decay(var_names=...)`` searches (TF: the raw
+  ``tf.Variable``, named by its path and ``:0``);
+- ``eagerly()``: a context in which assignments run now, also where
+  ``build`` is called inside a traced step (TF), not as part of the trace;
 - ``dense(gradient)``: a sparse gradient of this backend as a dense tensor,
   duplicate rows summed as the dense gradient has them;
 - ``HostPath(optimizer)``, made at ``build``, with

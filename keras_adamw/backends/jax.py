@@ -5,6 +5,7 @@ arrays by reference on CPU, and an ordered host callback on accelerators."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,14 @@ def saved_value(variable: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
+def as_keras_updates_it(variable: Any) -> Any:
+    return variable
+
+
+def eagerly() -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()  # nothing is traced at build
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "BCOO":  # todense sums duplicate entries
         return gradient.todense()
@@ -178,7 +187,7 @@ class HostPath:
                 new = call_update(update, scalars, arrays, group_grads)
             for group, new_values in zip(targets, new, strict=True):
                 for variable, value in zip(group or [], new_values or [], strict=True):
-                    variable.assign(value)
+                    optimizer.assign(variable, value)
 
     def offloaded_update_step(
         self, grads: list[Any], variables: list[Any], learning_rate: Any, indices: list[int]
@@ -238,7 +247,7 @@ class HostPath:
             group_grads = [grads[k] for k in positions]
             new_params = jax.lax.cond(applies_now(optimizer), update, keep, params, group_grads)
             for k, value in zip(positions, new_params, strict=True):
-                variables[k].assign(value)
+                optimizer.assign(variables[k], value)
 
     def host_state(self, indices: list[int], device: Any = None) -> xla.HostState:
         """The registered host state (slots, and masters if any) of these
@@ -318,7 +327,7 @@ class HostPath:
             ordered=True,
         )
         for variable, value in zip(variables, new_params, strict=True):
-            variable.assign(value)
+            optimizer.assign(variable, value)
 
 
 def host_state_on_each_shard(

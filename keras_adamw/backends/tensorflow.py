@@ -79,6 +79,19 @@ def saved_value(variable: Any) -> np.ndarray:
         return np.asarray(variable.numpy())
 
 
+def as_keras_updates_it(variable: Any) -> Any:
+    import keras
+
+    # Keras's TF optimizer updates the tf.Variable (a raw one is its own).
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def eagerly() -> Any:
+    import tensorflow as tf
+
+    return tf.init_scope()
+
+
 def dense(gradient: Any) -> Any:
     if type(gradient).__name__ == "IndexedSlices":  # the conversion sums duplicate rows
         import tensorflow as tf

@@ -9,7 +9,7 @@ BAD = [
     (dict(learning_rate=-0.1), "learning_rate must be a finite number >= 0"),
     (dict(learning_rate="fast"), "learning_rate must be a finite number >= 0"),
     (dict(weight_decay=-1e-3), "weight_decay must be a finite number >= 0"),
-    (dict(weight_decay=None), "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay=None), "Argument `weight_decay` must be a float. Received: weight_decay=N"),
     (dict(beta_1=1.0), r"beta_1 must be a number in \[0, 1\), got 1.0"),
     (dict(beta_2=-0.5), r"beta_2 must be a number in \[0, 1\)"),
     (dict(epsilon=0.0), "epsilon must be a finite number > 0"),

@@ -55,13 +55,22 @@ def test_a_checkpoint_loads_with_or_without_offloading(tmp_path, saved, loaded):
     assert max_difference(resumed, straight) <= 1e-6
 
 
-def test_a_keras_adamw_checkpoint_carries_its_state_into_ours(tmp_path):
-    """Switching to keras_adamw mid-project: iteration, m and v come along."""
+def save(model, path):
+    model.save(path) if path.suffix == ".keras" else model.save_weights(path)
+
+
+FILES = ["half.weights.h5", "half.keras"]
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_a_keras_adamw_checkpoint_carries_its_state_into_ours(tmp_path, file):
+    """Switching to keras_adamw mid-project: iteration, m and v come along,
+    and ours continues within 1e-6 of Keras's own continuation."""
     x, y = make_data(400)
     keras_first = train(keras.optimizers.AdamW(learning_rate=3e-3), x[:200], y[:200])
-    keras_first.save_weights(tmp_path / "keras.weights.h5")
-    theirs = resumed_from(tmp_path / "keras.weights.h5", keras.optimizers.AdamW(learning_rate=3e-3))
-    ours = resumed_from(tmp_path / "keras.weights.h5", AdamW(learning_rate=3e-3, weight_decay=0.1))
+    save(keras_first, tmp_path / file)
+    theirs = resumed_from(tmp_path / file, keras.optimizers.AdamW(learning_rate=3e-3))
+    ours = resumed_from(tmp_path / file, AdamW(learning_rate=3e-3, weight_decay=0.1))
     assert int(to_numpy(ours.optimizer.iterations)) == 25
     assert float(to_numpy(ours.optimizer.weight_decay)) == pytest.approx(0.1)  # ours, kept
     ours_slots = [to_numpy(v) for v in ours.optimizer.variables if "momentum" in v.path]
@@ -76,6 +85,21 @@ def test_a_keras_adamw_checkpoint_carries_its_state_into_ours(tmp_path):
     assert max_difference(ours, theirs) <= 1e-6
 
 
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("kwargs", [dict(), dict(offload_state=True)], ids=["auto", "offloaded"])
+def test_ours_in_the_default_layout_loads_into_keras_adamw(tmp_path, file, kwargs):
+    """Ours stores what Keras's AdamW stores (our weight_decay variable is
+    config, not state): Keras's class resumes our run within 1e-6."""
+    x, y = make_data(400)
+    straight = train(AdamW(learning_rate=3e-3, **kwargs), x, y)
+    first = train(AdamW(learning_rate=3e-3, **kwargs), x[:200], y[:200])
+    save(first, tmp_path / file)
+    theirs = resumed_from(tmp_path / file, keras.optimizers.AdamW(learning_rate=3e-3))
+    assert int(to_numpy(theirs.optimizer.iterations)) == 25
+    train(None, x[200:], y[200:], model=theirs)
+    assert max_difference(theirs, straight) <= 1e-6
+
+
 def test_ours_with_a_weight_decay_schedule_loads_into_keras_adamw(tmp_path):
     """Without a float weight decay ours stores exactly Keras's layout."""
     x, y = make_data(200)
@@ -85,6 +109,47 @@ def test_ours_with_a_weight_decay_schedule_loads_into_keras_adamw(tmp_path):
     assert int(to_numpy(theirs.optimizer.iterations)) == 25
     for a, b in zip(theirs.optimizer.variables, ours.optimizer.variables, strict=True):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+LAYOUTS_OF_OURS = {
+    "auto": dict(),
+    "ops": dict(implementation="ops"),
+    "offloaded": dict(offload_state=True),
+    "bfloat16 state": dict(state_dtype="bfloat16"),
+    "8-bit state": dict(state_dtype="int8"),
+}
+
+
+@pytest.mark.parametrize("saved", LAYOUTS_OF_OURS.values(), ids=LAYOUTS_OF_OURS.keys())
+@pytest.mark.parametrize("loaded", LAYOUTS_OF_OURS.values(), ids=LAYOUTS_OF_OURS.keys())
+def test_every_layout_loads_every_others_file(tmp_path, saved, loaded):
+    """The state arrives as the loading layout stores it: exactly in
+    float32, rounded in bfloat16, quantised block by block in 8 bits."""
+    x, y = make_data(80)
+    first = train(AdamW(learning_rate=3e-3, **saved), x, y)
+    first.save_weights(tmp_path / "a.weights.h5")
+    resumed = resumed_from(tmp_path / "a.weights.h5", AdamW(learning_rate=3e-3, **loaded))
+    state_dtype = loaded.get("state_dtype", "float32")
+    tolerance = {"float32": 0.0, "bfloat16": 2**-8, "int8": 2**-5}[state_dtype]
+    pairs = zip(resumed.optimizer.get_weights(), first.optimizer.get_weights(), strict=True)
+    for a, b in pairs:
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+    assert int(to_numpy(resumed.optimizer.iterations)) == 10
+
+
+def test_a_file_of_keras_adamw_0_1_with_its_weight_decay_variable_loads():
+    """keras_adamw 0.1 stored our weight_decay variable after learning_rate."""
+    x, y = make_data(80)
+    first = train(AdamW(learning_rate=3e-3, weight_decay=0.02), x, y)
+    state = first.optimizer.get_weights()
+    old_file = {str(i): w for i, w in enumerate([*state[:2], np.float32(0.02), *state[2:]])}
+    optimizer = AdamW(learning_rate=3e-3, weight_decay=0.05)
+    optimizer.build(make_model().trainable_variables)
+    optimizer.load_own_variables(old_file)
+    for a, b in zip(optimizer.get_weights(), state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(to_numpy(optimizer.weight_decay)) == pytest.approx(0.02)
 
 
 def test_a_checkpoint_of_another_model_raises_before_loading_anything(tmp_path):
@@ -194,6 +259,24 @@ def test_a_raw_tf_variable_is_updated_as_keras_does(implementation):
         for _ in range(3):
             optimizer.apply_gradients([(tf.ones((2, 2)) * 0.5, variable)])
     np.testing.assert_allclose(variables[0].numpy(), variables[1].numpy(), atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="raw tf.Variables")
+@pytest.mark.parametrize("kwargs", [dict(offload_state=True), dict(state_dtype="int8")])
+def test_a_raw_tf_variable_with_state_in_host_memory_raises_before_anything_is_written(kwargs):
+    """Host memory of ours holds the state of Keras variables only: a clear
+    error names the argument and the variable, and nothing is built or moved."""
+    import tensorflow as tf
+
+    keras_variable, raw = keras.Variable([[1.0, 2.0]]), tf.Variable([[3.0, 4.0]])
+    optimizer = AdamW(learning_rate=1.0, **kwargs)
+    needs = "offload_state=True" if "offload_state" in kwargs else 'state_dtype="int8"'
+    with pytest.raises(ValueError, match=f"{needs} needs Keras variables.*ResourceVariable"):
+        optimizer.apply_gradients([(tf.ones((1, 2)), keras_variable), (tf.ones((1, 2)), raw)])
+    assert not optimizer.built
+    assert int(to_numpy(optimizer.iterations)) == 0
+    np.testing.assert_array_equal(to_numpy(keras_variable), [[1.0, 2.0]])
+    np.testing.assert_array_equal(raw.numpy(), [[3.0, 4.0]])
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TF IndexedSlices")

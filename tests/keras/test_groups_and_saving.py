@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from keras_helpers import BACKEND, fit, keras, make_data, make_model, weights
 
 from keras_adamw import AdamW
@@ -87,25 +86,6 @@ def test_excluding_every_variable_equals_no_decay():
     undecayed = fit(AdamW(weight_decay=0.0))
     for a, b in zip(weights(excluded), weights(undecayed), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_keras_style_exclusion_method_is_saved_in_the_config():
-    model = make_model()
-    optimizer = AdamW(learning_rate=0.1, weight_decay=0.1)
-    optimizer.exclude_from_weight_decay(
-        var_list=[model.get_layer("out").kernel], var_names=["bias"]
-    )
-    assert optimizer.get_config()["exclude_from_weight_decay"][1:] == ["bias"]
-    again = AdamW.from_config(optimizer.get_config())
-    again.build(model.trainable_variables)
-    set_nonzero(model)
-    before = by_path(model)
-    zero_gradient_step(model, again)
-    for path, value in by_path(model).items():
-        decayed = not (path.endswith("bias") or path.endswith("out/kernel"))
-        assert np.array_equal(value, before[path]) != decayed, path
-    with pytest.raises(ValueError, match="before the optimizer is built"):
-        again.exclude_from_weight_decay(var_names=["x"])
 
 
 def full_featured():

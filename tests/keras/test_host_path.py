@@ -240,7 +240,7 @@ def test_offloading_refuses_tf_distribute_clearly_and_auto_takes_the_op():
     import tensorflow as tf
 
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        with pytest.raises(ValueError, match=r"need variables outside tf.distribute, or a Mirr"):
+        with pytest.raises(ValueError, match=r"needs variables outside tf.distribute, or a Mirr"):
             fit(AdamW(offload_state=True), steps=1)
         assert fit(AdamW(), steps=1).optimizer._on_host
 
