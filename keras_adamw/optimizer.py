@@ -108,18 +108,21 @@ class AdamW(keras.optimizers.Optimizer):  # type: ignore[misc]  # Keras is untyp
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
             ``gradient_accumulation_steps``, ``name``).
 
-    Optimizer variables, in this fixed order (how a `.keras` file stores
-    them): ``iteration``, ``learning_rate`` (float learning rate only),
-    ``weight_decay`` (float weight decay only), then the base optimizer's
-    (EMA averages, gradient accumulators) when enabled, then for each
-    trainable variable its ``momentum`` and ``velocity`` (interleaved, as in
-    Keras's Adam), then each ``velocity_hat`` (AMSGrad only), then each
-    ``master`` (16-bit variables with masters), then the stochastic rounding
-    generator's state (``stochastic_rounding`` only). With
-    ``offload_state`` the slots are host arrays, saved in the same places, so
-    a file loads the same with or without offloading; one saved by
-    ``keras.optimizers.AdamW`` (the same order without ``weight_decay``)
-    loads too. ``get_weights``/``set_weights`` use this order.
+    Saved state, in this fixed order (how a `.keras` file stores it, and what
+    ``get_weights``/``set_weights`` use): ``iteration``, ``learning_rate``
+    (float learning rate only), then the base optimizer's (EMA averages,
+    gradient accumulators) when enabled, then for each trainable variable
+    its ``momentum`` and ``velocity`` (interleaved, as in Keras's Adam), then
+    each ``velocity_hat`` (AMSGrad only): exactly what
+    `keras.optimizers.AdamW` saves, so files cross both ways. Then what only
+    ours has: each ``master`` (16-bit variables with masters) and the
+    stochastic rounding generator's state (``stochastic_rounding`` only). A
+    float ``weight_decay`` is an optimizer variable too, but not saved state:
+    the config carries it, as Keras's float. With ``offload_state`` the slots
+    are host arrays, saved in the same places, so a file loads the same with
+    or without offloading. Files of keras_adamw 0.1 (``weight_decay`` after
+    ``learning_rate``) load too. Weights loaded before ``build`` are kept and
+    assigned by it.
     """
 
     def __init__(
