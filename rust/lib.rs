@@ -1,12 +1,15 @@
 //! keras_adamw's host kernel: the AdamW update in place on host memory, in one
 //! pass, with SIMD chosen at run time and many tensors in one parallel dispatch.
 //!
-//! - `dtype`: the element types (float32, bfloat16, float16), their
-//!   conversions and stochastic rounding, written once over `simd::Lanes`;
+//! In layers, each using only those above it:
+//! - `lanes`: the `Lanes` and `Bits` traits, the vector everything is written
+//!   over; a leaf;
 //! - `math`: hyperparameters, step constants, and the element update, written
-//!   once over `simd::Lanes` (on `f32`, the scalar reference);
-//! - `simd`: the `Lanes` trait, each instruction set's vector, the loop over
-//!   slices, and the run-time choice between them;
+//!   once over `Lanes` (on `f32`, the scalar reference);
+//! - `dtype`: the element types (float32, bfloat16, float16, 8-bit state),
+//!   their conversions and stochastic rounding, written once over `Lanes`;
+//! - `simd`: each instruction set's vector (`scalar`: one lane), the loop
+//!   over slices, and the run-time choice between them;
 //! - `parallel`: the thread pool and the split of a step's work across it;
 //! - `in_flight`: the memory of the updates running now; overlapping calls wait;
 //! - `bandwidth`: a plain in-place loop with the kernel's memory traffic, the
@@ -23,6 +26,7 @@ pub mod dtype;
 pub mod fork;
 pub mod host_state;
 pub mod in_flight;
+pub mod lanes;
 pub mod math;
 pub mod parallel;
 #[cfg(feature = "python")]

@@ -1,8 +1,8 @@
 //! The AdamW update: hyperparameters, the per-step constants derived from them,
-//! and the element update, written once over `simd::Lanes`: on `f32` it is the
+//! and the element update, written once over `lanes::Lanes`: on `f32` it is the
 //! scalar reference that every SIMD level reproduces bit for bit.
 
-use crate::simd::Lanes;
+use crate::lanes::Lanes;
 use std::fmt;
 
 /// Where epsilon enters the denominator.

@@ -4,7 +4,7 @@
 //! conversion: AVX-512 BF16's flushes subnormals).
 
 use super::{element_slices, quiet_nan_or, Element};
-use crate::simd::{Bits, Lanes};
+use crate::lanes::{Bits, Lanes};
 
 /// A bfloat16, as its bits (`ml_dtypes.bfloat16`, `torch.bfloat16`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

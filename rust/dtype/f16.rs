@@ -4,7 +4,7 @@
 //! the same in integer arithmetic, and the kernel tests hold them bitwise equal.
 
 use super::{element_slices, quiet_nan_or, Element};
-use crate::simd::{Bits, Lanes};
+use crate::lanes::{Bits, Lanes};
 
 /// A float16, as its bits (`numpy.float16`, `torch.float16`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! The element types the kernel reads and writes, and how each converts to and
 //! from the float32 the update computes in: one file per 16-bit type, written
-//! once over `simd::Lanes` (so the scalar reference and every SIMD level share
+//! once over `lanes::Lanes` (so the scalar reference and every SIMD level share
 //! it), and the slices of each type that a step is handed.
 //!
 //! Conversions to a 16-bit type round to nearest even, or stochastically
@@ -11,7 +11,7 @@ pub mod f16;
 pub mod q8;
 pub mod stochastic;
 
-use crate::simd::{Bits, Lanes};
+use crate::lanes::{Bits, Lanes};
 pub use bf16::Bf16;
 pub use f16::F16;
 

@@ -19,7 +19,7 @@
 //! closer to the exact one than bitsandbytes' dynamic map gives
 //! (`benchmarks/dtype_accuracy.py`).
 
-use crate::simd::{Bits, Lanes};
+use crate::lanes::{Bits, Lanes};
 
 /// Elements per block (per scale).
 pub const BLOCK: usize = 256;

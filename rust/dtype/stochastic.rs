@@ -3,7 +3,7 @@
 //! the SIMD level, the thread count or how the work is cut into chunks, and a
 //! run can be repeated bit for bit.
 
-use crate::simd::Bits;
+use crate::lanes::Bits;
 
 /// How results are rounded where they are stored in a 16-bit type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! AVX2 with FMA and F16C: 8 lanes.
 
-use super::{update_with, vector_arithmetic, Bits, Lanes};
+use super::{update_with, vector_arithmetic};
 use crate::dtype::stochastic::Rounding;
+use crate::lanes::{Bits, Lanes};
 use crate::math::StepConstants;
 use crate::TensorSlices;
 use std::arch::x86_64::*;
@@ -91,6 +92,11 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn store_f16(self, to: *mut u16) {
         unsafe { _mm_storeu_si128(to.cast(), _mm256_cvtps_ph::<NEAREST>(self.0)) }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, to: *mut u16) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::dtype::bf16::nearest_in_integers(self).store_u16(to) }
     }
 }
 

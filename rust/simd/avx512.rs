@@ -1,7 +1,8 @@
 //! AVX-512F: 16 lanes; with AVX-512 BF16, its conversion to bfloat16.
 
-use super::{update_with, vector_arithmetic, Bits, Lanes};
+use super::{update_with, vector_arithmetic};
 use crate::dtype::stochastic::Rounding;
+use crate::lanes::{Bits, Lanes};
 use crate::math::StepConstants;
 use crate::TensorSlices;
 use std::arch::x86_64::*;

@@ -1,8 +1,9 @@
 //! The update over slices, once for every instruction set, and the run-time
 //! choice of the widest one the CPU has.
 //!
-//! `math::update_element` is written over `Lanes`, a float32 vector of one
-//! instruction set; each ISA module only says what its vector is. Shipped
+//! `math::update_element` is written over `lanes::Lanes`, a float32 vector of
+//! one instruction set; each ISA module (`scalar` among them) only says what
+//! its vector is. Shipped
 //! builds target the baseline CPU; the wider variants are compiled with
 //! `#[target_feature]` and picked here after checking the running CPU.
 
@@ -13,13 +14,12 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
+mod scalar;
 mod update;
 
 use crate::dtype::stochastic::Rounding;
-use crate::dtype::F16;
 use crate::math::{InvalidArgument, StepConstants};
 use crate::TensorSlices;
-use std::ops::{Add, Div, Mul, Sub};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use update::update_with;
@@ -149,242 +149,6 @@ pub fn set_active_level(name: &str) -> Result<SimdLevel, InvalidArgument> {
     let level = parse_supported(name)?;
     ACTIVE.store(level as u8, Ordering::Relaxed);
     Ok(level)
-}
-
-/// A vector of `LANES` float32 values and what the update does with it.
-pub trait Lanes:
-    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self>
-{
-    const LANES: usize;
-    /// The lanes' bit patterns, as 32-bit integers.
-    type Bits: Bits;
-    fn splat(x: f32) -> Self;
-    /// # Safety
-    /// `LANES` floats must be readable at `from`.
-    unsafe fn load(from: *const f32) -> Self;
-    /// # Safety
-    /// `LANES` floats must be writable at `to`.
-    unsafe fn store(self, to: *mut f32);
-    /// `self·a + b`, rounded once.
-    fn mul_add(self, a: Self, b: Self) -> Self;
-    fn sqrt(self) -> Self;
-    /// `self` where `self > other`, else `other` (so a NaN picks `other`), as
-    /// x86's max instructions do; not IEEE's maximum.
-    fn greater_or(self, other: Self) -> Self;
-    fn to_bits(self) -> Self::Bits;
-    fn from_bits(bits: Self::Bits) -> Self;
-    /// `then` in the lanes where `self` is a NaN, `otherwise` elsewhere.
-    fn if_nan(self, then: Self, otherwise: Self) -> Self;
-    /// `LANES` float16s at `from`, widened exactly (a signalling NaN quieted).
-    ///
-    /// # Safety
-    /// `LANES` u16s must be readable at `from`.
-    unsafe fn load_f16(from: *const u16) -> Self;
-    /// The lanes rounded to nearest-even float16s, stored at `to`.
-    ///
-    /// # Safety
-    /// `LANES` u16s must be writable at `to`.
-    unsafe fn store_f16(self, to: *mut u16);
-    /// The lanes rounded to nearest-even bfloat16s, stored at `to` (by
-    /// default in integer arithmetic, `dtype::bf16`).
-    ///
-    /// # Safety
-    /// `LANES` u16s must be writable at `to`.
-    #[inline(always)]
-    unsafe fn store_bf16(self, to: *mut u16) {
-        // SAFETY: the caller's contract.
-        unsafe { crate::dtype::bf16::nearest_in_integers(self).store_u16(to) }
-    }
-}
-
-/// 32-bit integer lanes, for the conversions and the random bits of
-/// stochastic rounding; arithmetic wraps.
-pub trait Bits: Copy {
-    fn splat(x: u32) -> Self;
-    /// 0, 1, ..., LANES - 1.
-    fn lane_indices() -> Self;
-    fn add(self, other: Self) -> Self;
-    fn mul(self, other: Self) -> Self;
-    fn and(self, other: Self) -> Self;
-    /// `self & !other`.
-    fn and_not(self, other: Self) -> Self;
-    fn or(self, other: Self) -> Self;
-    fn xor(self, other: Self) -> Self;
-    fn shl(self, n: u32) -> Self;
-    fn shr(self, n: u32) -> Self;
-    /// `LANES` u16s at `from`, zero-extended.
-    ///
-    /// # Safety
-    /// `LANES` u16s must be readable at `from`.
-    unsafe fn load_u16(from: *const u16) -> Self;
-    /// Each lane (which must be below 2^16) stored as a u16 at `to`.
-    ///
-    /// # Safety
-    /// `LANES` u16s must be writable at `to`.
-    unsafe fn store_u16(self, to: *mut u16);
-    /// `LANES` bytes at `from`, zero-extended.
-    ///
-    /// # Safety
-    /// `LANES` bytes must be readable at `from`.
-    unsafe fn load_u8(from: *const u8) -> Self;
-    /// Each lane (which must be below 2^8) stored as a byte at `to`.
-    ///
-    /// # Safety
-    /// `LANES` bytes must be writable at `to`.
-    unsafe fn store_u8(self, to: *mut u8);
-    /// Lane-wise unsigned minimum and maximum.
-    fn min(self, other: Self) -> Self;
-    fn max(self, other: Self) -> Self;
-    /// The largest lane.
-    fn reduce_max(self) -> u32;
-}
-
-/// One lane: the scalar reference.
-impl Lanes for f32 {
-    const LANES: usize = 1;
-    type Bits = u32;
-
-    #[inline(always)]
-    fn splat(x: f32) -> Self {
-        x
-    }
-
-    #[inline(always)]
-    unsafe fn load(from: *const f32) -> Self {
-        // SAFETY: the caller's contract.
-        unsafe { from.read() }
-    }
-
-    #[inline(always)]
-    unsafe fn store(self, to: *mut f32) {
-        // SAFETY: the caller's contract.
-        unsafe { to.write(self) }
-    }
-
-    #[inline(always)]
-    fn mul_add(self, a: Self, b: Self) -> Self {
-        f32::mul_add(self, a, b)
-    }
-
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-
-    #[inline(always)]
-    fn greater_or(self, other: Self) -> Self {
-        if self > other {
-            self
-        } else {
-            other
-        }
-    }
-
-    #[inline(always)]
-    fn to_bits(self) -> u32 {
-        f32::to_bits(self)
-    }
-
-    #[inline(always)]
-    fn from_bits(bits: u32) -> Self {
-        f32::from_bits(bits)
-    }
-
-    #[inline(always)]
-    fn if_nan(self, then: Self, otherwise: Self) -> Self {
-        if self.is_nan() {
-            then
-        } else {
-            otherwise
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn load_f16(from: *const u16) -> Self {
-        // SAFETY: the caller's contract.
-        F16(unsafe { from.read() }).to_f32()
-    }
-
-    #[inline(always)]
-    unsafe fn store_f16(self, to: *mut u16) {
-        // SAFETY: the caller's contract.
-        unsafe { to.write(F16::from_f32(self).0) }
-    }
-}
-
-impl Bits for u32 {
-    #[inline(always)]
-    fn splat(x: u32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn lane_indices() -> Self {
-        0
-    }
-    #[inline(always)]
-    fn add(self, other: Self) -> Self {
-        self.wrapping_add(other)
-    }
-    #[inline(always)]
-    fn mul(self, other: Self) -> Self {
-        self.wrapping_mul(other)
-    }
-    #[inline(always)]
-    fn and(self, other: Self) -> Self {
-        self & other
-    }
-    #[inline(always)]
-    fn and_not(self, other: Self) -> Self {
-        self & !other
-    }
-    #[inline(always)]
-    fn or(self, other: Self) -> Self {
-        self | other
-    }
-    #[inline(always)]
-    fn xor(self, other: Self) -> Self {
-        self ^ other
-    }
-    #[inline(always)]
-    fn shl(self, n: u32) -> Self {
-        self << n
-    }
-    #[inline(always)]
-    fn shr(self, n: u32) -> Self {
-        self >> n
-    }
-    #[inline(always)]
-    unsafe fn load_u16(from: *const u16) -> Self {
-        // SAFETY: the caller's contract.
-        u32::from(unsafe { from.read() })
-    }
-    #[inline(always)]
-    unsafe fn store_u16(self, to: *mut u16) {
-        // SAFETY: the caller's contract.
-        unsafe { to.write(self as u16) }
-    }
-    #[inline(always)]
-    unsafe fn load_u8(from: *const u8) -> Self {
-        // SAFETY: the caller's contract.
-        u32::from(unsafe { from.read() })
-    }
-    #[inline(always)]
-    unsafe fn store_u8(self, to: *mut u8) {
-        // SAFETY: the caller's contract.
-        unsafe { to.write(self as u8) }
-    }
-    #[inline(always)]
-    fn min(self, other: Self) -> Self {
-        Ord::min(self, other)
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        Ord::max(self, other)
-    }
-    #[inline(always)]
-    fn reduce_max(self) -> u32 {
-        self
-    }
 }
 
 /// Implements `Add`, `Sub`, `Mul` and `Div` for an ISA's vector newtype with

@@ -1,7 +1,8 @@
 //! NEON (aarch64): 4 lanes.
 
-use super::{update_with, vector_arithmetic, Bits, Lanes};
+use super::{update_with, vector_arithmetic};
 use crate::dtype::stochastic::Rounding;
+use crate::lanes::{Bits, Lanes};
 use crate::math::StepConstants;
 use crate::TensorSlices;
 use std::arch::aarch64::*;
@@ -97,6 +98,11 @@ impl Lanes for Neon {
                  options(pure, nomem, nostack))
         };
         unsafe { vst1_u16(to, narrowed) }
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, to: *mut u16) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::dtype::bf16::nearest_in_integers(self).store_u16(to) }
     }
 }
 

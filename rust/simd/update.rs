@@ -2,10 +2,10 @@
 //! slices' element types: the dtypes are picked once per chunk, then one loop
 //! runs for that combination (whole vectors, then the tail one lane at a time).
 
-use super::{Bits, Lanes};
 use crate::dtype::q8::{self, FirstMoments, SecondMoments, BLOCK};
 use crate::dtype::stochastic::{self, Rounding, Stream};
 use crate::dtype::{Bf16, DType, Element, Elements, ElementsRef, F16};
+use crate::lanes::{Bits, Lanes};
 use crate::math::{update_element, StepConstants};
 use crate::TensorSlices;
 
