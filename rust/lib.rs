@@ -17,7 +17,8 @@
 //! - `xla_ffi`, `tensorflow_op`: the update as an XLA FFI handler and as a
 //!   TensorFlow op, both through stable C APIs;
 //! - `host_state`: offloaded state that the XLA handler updates by reference;
-//! - `python` (feature `python`): the PyO3 bindings, `keras_adamw._core`.
+//! - `python` (feature `python`): the PyO3 bindings, `keras_adamw._core`, one
+//!   file per concern (host update, host state, XLA, TensorFlow).
 
 pub mod aliasing;
 pub mod bandwidth;

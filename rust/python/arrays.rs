@@ -1,59 +1,43 @@
-//! `keras_adamw._core`: the PyO3 bindings. Every argument is checked before
-//! the first element is written; the kernel then runs with the GIL released.
+//! Python arguments as the kernel's arrays: dtype, contiguity, alignment,
+//! writability and aliasing, checked before anything is written.
 
+use super::invalid;
 use crate::aliasing::{find_overlap, Region};
 use crate::dtype::{q8, raw_slice_mut};
-use crate::host_state::Held;
-use crate::math::{DecayForm, DecayMode, EpsilonMode, Hyperparams, InvalidArgument, StepConstants};
+use crate::math::StepConstants;
 use crate::xla_ffi::panic_message;
-use crate::{bandwidth, host_state, in_flight, parallel, simd, xla_ffi, Sources, TensorSlices};
+use crate::{in_flight, parallel, simd, Sources, TensorSlices};
 use crate::{DType, Elements, ElementsRef, Rounding};
 use numpy::npyffi::objects::_PyArray_GET_ITEM_DATA;
 use numpy::npyffi::types::NPY_TYPES::{self, NPY_FLOAT, NPY_HALF};
 use numpy::npyffi::NPY_ARRAY_WRITEABLE;
-use numpy::{
-    PyArrayDescr, PyArrayDescrMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
-};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use numpy::{PyArrayDescr, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyCapsule, PyDict, PyInt};
-use std::ffi::c_void;
 use std::panic::AssertUnwindSafe;
-use std::ptr::NonNull;
-
-impl From<InvalidArgument> for PyErr {
-    fn from(e: InvalidArgument) -> Self {
-        PyValueError::new_err(e.to_string())
-    }
-}
-
-fn invalid(argument: String, problem: impl std::fmt::Display) -> PyErr {
-    PyValueError::new_err(format!("{argument} {problem}"))
-}
 
 /// One argument list (`params`, `grads`, ...) as C-contiguous aligned arrays
 /// of the dtypes it allows, writable where the update writes them.
-struct ArrayList<'py> {
-    name: &'static str,
-    arrays: Vec<HostArray<'py>>,
+pub(super) struct ArrayList<'py> {
+    pub(super) name: &'static str,
+    pub(super) arrays: Vec<HostArray<'py>>,
 }
 
 /// One array and its dtype; for 8-bit state, the codes and their block scales.
-struct HostArray<'py> {
-    array: Bound<'py, PyUntypedArray>,
-    dtype: DType,
-    scales: Option<Bound<'py, PyUntypedArray>>,
+pub(super) struct HostArray<'py> {
+    pub(super) array: Bound<'py, PyUntypedArray>,
+    pub(super) dtype: DType,
+    pub(super) scales: Option<Bound<'py, PyUntypedArray>>,
 }
 
-const FLOAT32: &[DType] = &[DType::F32];
-const FLOATS: &[DType] = &[DType::F32, DType::Bf16, DType::F16];
+pub(super) const FLOAT32: &[DType] = &[DType::F32];
+pub(super) const FLOATS: &[DType] = &[DType::F32, DType::Bf16, DType::F16];
 /// float16's range is too narrow for second moments (g² of 1e-4 underflows).
-const STATE: &[DType] = &[DType::F32, DType::Bf16, DType::Q8];
-const HALVES: &[DType] = &[DType::Bf16, DType::F16];
+pub(super) const STATE: &[DType] = &[DType::F32, DType::Bf16, DType::Q8];
+pub(super) const HALVES: &[DType] = &[DType::Bf16, DType::F16];
 
 impl<'py> ArrayList<'py> {
-    fn new(
+    pub(super) fn new(
         name: &'static str,
         objects: &[Bound<'py, PyAny>],
         written: bool,
@@ -78,12 +62,12 @@ impl<'py> ArrayList<'py> {
         Ok(Self { name, arrays })
     }
 
-    fn label(&self, i: usize) -> String {
+    pub(super) fn label(&self, i: usize) -> String {
         format!("{}[{i}]", self.name)
     }
 
     /// The same number of arrays as `other`, of the same shapes.
-    fn check_matches(&self, other: &ArrayList<'py>) -> PyResult<()> {
+    pub(super) fn check_matches(&self, other: &ArrayList<'py>) -> PyResult<()> {
         if self.arrays.len() != other.arrays.len() {
             return Err(invalid(
                 self.name.into(),
@@ -112,7 +96,7 @@ impl<'py> ArrayList<'py> {
     }
 
     /// Every array's dtype is in `allowed` (a narrower rule than the list's own).
-    fn check_dtypes(&self, allowed: &[DType], why: &str) -> PyResult<()> {
+    pub(super) fn check_dtypes(&self, allowed: &[DType], why: &str) -> PyResult<()> {
         match self.arrays.iter().position(|a| !allowed.contains(&a.dtype)) {
             None => Ok(()),
             Some(i) => Err(PyTypeError::new_err(format!(
@@ -125,7 +109,10 @@ impl<'py> ArrayList<'py> {
     }
 
     /// Address ranges, labelled (list name, index) so no string is built unless one overlaps.
-    fn regions(&self, written: bool) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
+    pub(super) fn regions(
+        &self,
+        written: bool,
+    ) -> impl Iterator<Item = Region<(&'static str, usize)>> + '_ {
         self.arrays.iter().enumerate().flat_map(move |(i, a)| {
             let region = |array: &Bound<'_, PyUntypedArray>, size| Region {
                 start: data(array) as usize,
@@ -140,12 +127,12 @@ impl<'py> ArrayList<'py> {
         })
     }
 
-    fn elements(&self) -> Vec<ElementsRef<'_>> {
+    pub(super) fn elements(&self) -> Vec<ElementsRef<'_>> {
         self.arrays.iter().map(HostArray::elements).collect()
     }
 
     /// The float32 slices of a list checked to be float32.
-    fn f32_slices(&self) -> Vec<&[f32]> {
+    pub(super) fn f32_slices(&self) -> Vec<&[f32]> {
         let f32_slice = |a| HostArray::elements(a).as_f32().expect("checked float32");
         self.arrays.iter().map(f32_slice).collect()
     }
@@ -161,7 +148,7 @@ impl<'py> ArrayList<'py> {
     }
 }
 
-fn dtype_names(dtypes: &[DType]) -> String {
+pub(super) fn dtype_names(dtypes: &[DType]) -> String {
     let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
     match names.as_slice() {
         [one] => one.to_string(),
@@ -171,7 +158,7 @@ fn dtype_names(dtypes: &[DType]) -> String {
 }
 
 /// The dtype of a NumPy dtype the kernel knows (bfloat16 is ml_dtypes's).
-fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<Option<DType>> {
+pub(super) fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<Option<DType>> {
     Ok(match descr.num() {
         num if num == NPY_FLOAT as i32 => Some(DType::F32),
         num if num == NPY_HALF as i32 => Some(DType::F16),
@@ -180,7 +167,7 @@ fn dtype_of(descr: &Bound<'_, PyArrayDescr>) -> PyResult<Option<DType>> {
     })
 }
 
-fn host_array<'py>(
+pub(super) fn host_array<'py>(
     object: &Bound<'py, PyAny>,
     label: impl Fn() -> String,
     written: bool,
@@ -231,7 +218,7 @@ fn host_array<'py>(
 /// A `keras_adamw.host.QuantizedState`: its codes (uint8, the tensor's shape)
 /// and block scales (float32), both C-contiguous and writable, in the format
 /// of the moment (1 or 2) its list holds.
-fn quantized_state<'py>(
+pub(super) fn quantized_state<'py>(
     object: &Bound<'py, PyAny>,
     label: impl Fn() -> String,
     moment: u8,
@@ -287,14 +274,14 @@ fn quantized_state<'py>(
     })
 }
 
-fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
+pub(super) fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
     // SAFETY: `array` is a live ndarray and we hold the GIL.
     let flags = unsafe { (*_PyArray_GET_ITEM_DATA(array.as_array_ptr())).flags };
     flags & NPY_ARRAY_WRITEABLE != 0
 }
 
 /// The address of an array's first element.
-fn data(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
+pub(super) fn data(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
     // SAFETY: `array` is a live ndarray and we hold the GIL.
     unsafe { (*array.as_array_ptr()).fields.data.cast() }
 }
@@ -303,7 +290,7 @@ fn data(array: &Bound<'_, PyUntypedArray>) -> *mut u8 {
 ///
 impl HostArray<'_> {
     /// The elements, as the checked dtype says (C-contiguous and aligned, checked).
-    fn elements(&self) -> ElementsRef<'_> {
+    pub(super) fn elements(&self) -> ElementsRef<'_> {
         let (data, len) = (data(&self.array), self.array.len());
         // SAFETY: a live, checked array of `len` elements of its dtype, borrowed with `self`.
         unsafe { ElementsRef::from_raw(self.dtype, data, len) }
@@ -329,35 +316,35 @@ impl HostArray<'_> {
 /// The arrays of one call, checked against each other: shapes, and no memory
 /// shared with a written array (rust-numpy's borrow tracking misses views of one
 /// buffer made by different owners, such as two torch tensors over one storage).
-struct StepArrays<'py> {
-    params: ArrayList<'py>,
-    grads: ArrayList<'py>,
-    exp_avgs: ArrayList<'py>,
-    exp_avg_sqs: ArrayList<'py>,
-    amsgrad_max: Option<ArrayList<'py>>,
+pub(super) struct StepArrays<'py> {
+    pub(super) params: ArrayList<'py>,
+    pub(super) grads: ArrayList<'py>,
+    pub(super) exp_avgs: ArrayList<'py>,
+    pub(super) exp_avg_sqs: ArrayList<'py>,
+    pub(super) amsgrad_max: Option<ArrayList<'py>>,
     /// 16-bit copies of float32 params, written in the same pass.
-    param_copies: Option<ArrayList<'py>>,
+    pub(super) param_copies: Option<ArrayList<'py>>,
     /// Out of place: the current params, exp_avgs, exp_avg_sqs (and amsgrad_max) to read.
-    read_from: Vec<ArrayList<'py>>,
+    pub(super) read_from: Vec<ArrayList<'py>>,
     /// Every array's address range, claimed while the kernel runs.
-    regions: Vec<Region<(&'static str, usize)>>,
+    pub(super) regions: Vec<Region<(&'static str, usize)>>,
 }
 
-type Objects<'py> = Vec<Bound<'py, PyAny>>;
+pub(super) type Objects<'py> = Vec<Bound<'py, PyAny>>;
 
 /// The argument lists of one step, as Python passed them.
-struct StepObjects<'py> {
-    params: Objects<'py>,
-    grads: Objects<'py>,
-    exp_avgs: Objects<'py>,
-    exp_avg_sqs: Objects<'py>,
-    amsgrad_max: Option<Objects<'py>>,
-    param_copies: Option<Objects<'py>>,
-    read_from: Option<Vec<Objects<'py>>>,
+pub(super) struct StepObjects<'py> {
+    pub(super) params: Objects<'py>,
+    pub(super) grads: Objects<'py>,
+    pub(super) exp_avgs: Objects<'py>,
+    pub(super) exp_avg_sqs: Objects<'py>,
+    pub(super) amsgrad_max: Option<Objects<'py>>,
+    pub(super) param_copies: Option<Objects<'py>>,
+    pub(super) read_from: Option<Vec<Objects<'py>>>,
 }
 
 impl<'py> StepArrays<'py> {
-    fn new(objects: StepObjects<'py>) -> PyResult<Self> {
+    pub(super) fn new(objects: StepObjects<'py>) -> PyResult<Self> {
         let read_from = objects.read_from.unwrap_or_default();
         let expected = if objects.amsgrad_max.is_some() { 4 } else { 3 };
         if !read_from.is_empty() && read_from.len() != expected {
@@ -443,7 +430,7 @@ impl<'py> StepArrays<'py> {
 
     /// Whether the step stores anything that can be rounded stochastically:
     /// 16-bit params or bfloat16 state.
-    fn rounds_stochastically(&self) -> bool {
+    pub(super) fn rounds_stochastically(&self) -> bool {
         let any = |list: &ArrayList<'_>, dtypes: &[DType]| {
             list.arrays.iter().any(|a| dtypes.contains(&a.dtype))
         };
@@ -451,7 +438,7 @@ impl<'py> StepArrays<'py> {
     }
 
     /// One AdamW step, in place or from `read_from`, with the GIL released.
-    fn step(
+    pub(super) fn step(
         self,
         py: Python<'_>,
         constants: &StepConstants,
@@ -470,7 +457,7 @@ impl<'py> StepArrays<'py> {
     }
 
     /// Runs `work` on the tensors' slices with the GIL released.
-    fn run<F>(mut self, py: Python<'_>, work: F) -> PyResult<()>
+    pub(super) fn run<F>(mut self, py: Python<'_>, work: F) -> PyResult<()>
     where
         F: for<'a> FnOnce(Vec<TensorSlices<'a>>, Option<Vec<Sources<'a>>>) + Send,
     {
@@ -526,424 +513,4 @@ impl<'py> StepArrays<'py> {
             ))
         })
     }
-}
-
-/// `dict[name]`, or a `TypeError` saying it is missing.
-fn required<'py>(dict: &Bound<'py, PyDict>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-    dict.get_item(name)?
-        .ok_or_else(|| PyTypeError::new_err(format!("missing hyperparameter {name}")))
-}
-
-/// `dict[name]` as a `T`, or a `TypeError` saying what `name` must be.
-fn dict_item<'py, T: for<'a> FromPyObject<'a, 'py>>(
-    dict: &Bound<'py, PyDict>,
-    name: &str,
-    kind: &str,
-) -> PyResult<T> {
-    let value = required(dict, name)?;
-    value.extract().map_err(|_| {
-        let type_name = value
-            .get_type()
-            .name()
-            .map_or_else(|_| "?".into(), |n| n.to_string());
-        PyTypeError::new_err(format!("{name} must be {kind}, got {type_name}"))
-    })
-}
-
-/// `dict[name]` as a bool: only True or False (a string such as "False" is not one).
-fn bool_item(dict: &Bound<'_, PyDict>, name: &str) -> PyResult<bool> {
-    let value = required(dict, name)?;
-    match value.cast::<PyBool>() {
-        Ok(flag) => Ok(flag.is_true()),
-        Err(_) => Err(PyTypeError::new_err(format!(
-            "{name} must be True or False, got {}",
-            value.repr()?
-        ))),
-    }
-}
-
-/// `dict["step"]`: an int in [1, 2**64), not a bool.
-fn step_item(dict: &Bound<'_, PyDict>) -> PyResult<u64> {
-    let value = required(dict, "step")?;
-    let is_int = !value.is_instance_of::<PyBool>()
-        && (value.is_instance_of::<PyInt>() || value.hasattr("__index__")?);
-    if !is_int {
-        let type_name = value.get_type().name()?;
-        return Err(PyTypeError::new_err(format!(
-            "step must be an int (the 1-based count of this update), got {type_name}"
-        )));
-    }
-    match value.extract::<u64>() {
-        Ok(step) if step >= 1 => Ok(step),
-        _ => Err(invalid(
-            "step".into(),
-            format!("must be an int in [1, 2**64), got {value}"),
-        )),
-    }
-}
-
-/// The hyperparameters of one step, passed from Python as a dict.
-struct HyperparamsArg {
-    step: u64,
-    learning_rate: f64,
-    beta_1: f64,
-    beta_2: f64,
-    epsilon: f64,
-    weight_decay: f64,
-    epsilon_mode: String,
-    weight_decay_mode: String,
-    decay_form: Option<String>,
-    maximize: bool,
-    grad_scale: Option<f64>,
-}
-
-impl<'py> FromPyObject<'_, 'py> for HyperparamsArg {
-    type Error = PyErr;
-
-    fn extract(dict: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
-        let dict = &dict.cast::<PyDict>()?.to_owned();
-        Ok(Self {
-            step: step_item(dict)?,
-            learning_rate: dict_item(dict, "learning_rate", "a number")?,
-            beta_1: dict_item(dict, "beta_1", "a number")?,
-            beta_2: dict_item(dict, "beta_2", "a number")?,
-            epsilon: dict_item(dict, "epsilon", "a number")?,
-            weight_decay: dict_item(dict, "weight_decay", "a number")?,
-            epsilon_mode: dict_item(dict, "epsilon_mode", "a string")?,
-            weight_decay_mode: dict_item(dict, "weight_decay_mode", "a string")?,
-            decay_form: dict_item(dict, "decay_form", "a string or None")?,
-            maximize: bool_item(dict, "maximize")?,
-            grad_scale: dict_item(dict, "grad_scale", "a number or None")?,
-        })
-    }
-}
-
-impl HyperparamsArg {
-    fn constants(&self) -> PyResult<StepConstants> {
-        let hyperparams = Hyperparams {
-            step: self.step,
-            learning_rate: self.learning_rate,
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            epsilon: self.epsilon,
-            weight_decay: self.weight_decay,
-            epsilon_mode: EpsilonMode::parse(&self.epsilon_mode)?,
-            weight_decay_mode: DecayMode::parse(&self.weight_decay_mode)?,
-            decay_form: self
-                .decay_form
-                .as_deref()
-                .map(DecayForm::parse)
-                .transpose()?,
-            maximize: self.maximize,
-            grad_scale: self.grad_scale,
-        };
-        Ok(hyperparams.constants()?)
-    }
-}
-
-/// Raises `ValueError` naming the first bad hyperparameter, as `adamw_update` would.
-#[pyfunction]
-fn check_hyperparameters(hyperparameters: HyperparamsArg) -> PyResult<()> {
-    hyperparameters.constants().map(drop)
-}
-
-/// One AdamW step in place; see `keras_adamw.host.adamw_update`.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)] // the Python signature
-fn adamw_update<'py>(
-    py: Python<'py>,
-    params: Objects<'py>,
-    grads: Objects<'py>,
-    exp_avgs: Objects<'py>,
-    exp_avg_sqs: Objects<'py>,
-    amsgrad_max: Option<Objects<'py>>,
-    hyperparameters: HyperparamsArg,
-    read_from: Option<Vec<Objects<'py>>>,
-    param_copies: Option<Objects<'py>>,
-    rounding: &str,
-    seed: u64,
-) -> PyResult<()> {
-    let constants = hyperparameters.constants()?;
-    let level = simd::active_level()?;
-    let arrays = StepArrays::new(StepObjects {
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        amsgrad_max,
-        param_copies,
-        read_from,
-    })?;
-    let rounding = match rounding {
-        "nearest" => Rounding::Nearest,
-        "stochastic" if arrays.rounds_stochastically() => Rounding::Stochastic {
-            seed,
-            step: hyperparameters.step,
-        },
-        "stochastic" => {
-            return Err(invalid(
-                "rounding".into(),
-                "= 'stochastic' needs something to round: bfloat16 or float16 params, \
-                 or bfloat16 state (param_copies and 8-bit state round to nearest)",
-            ))
-        }
-        other => {
-            return Err(invalid(
-                "rounding".into(),
-                format!("must be 'nearest' or 'stochastic', got {other:?}"),
-            ))
-        }
-    };
-    arrays.step(py, &constants, rounding, level)
-}
-
-/// Quantises float32 `values` into 8-bit `codes` and block `scales` (see
-/// `keras_adamw.host.QuantizedState`).
-#[pyfunction]
-fn quantize(
-    values: PyReadonlyArrayDyn<'_, f32>,
-    mut codes: PyReadwriteArrayDyn<'_, u8>,
-    mut scales: PyReadwriteArrayDyn<'_, f32>,
-    moment: u8,
-) -> PyResult<()> {
-    let (values, codes, scales) = contiguous(
-        values.as_slice(),
-        codes.as_slice_mut(),
-        scales.as_slice_mut(),
-    )?;
-    q8::quantize(values, codes, scales, moment == 1);
-    Ok(())
-}
-
-/// The float32 values of 8-bit `codes` and block `scales`, written into `values`.
-#[pyfunction]
-fn dequantize(
-    codes: PyReadonlyArrayDyn<'_, u8>,
-    scales: PyReadonlyArrayDyn<'_, f32>,
-    moment: u8,
-    mut values: PyReadwriteArrayDyn<'_, f32>,
-) -> PyResult<()> {
-    let (values, codes, scales) =
-        contiguous(values.as_slice_mut(), codes.as_slice(), scales.as_slice())?;
-    q8::dequantize(codes, scales, moment == 1, values);
-    Ok(())
-}
-
-/// Contiguous slices of matching lengths (one scale per block), or a `ValueError`.
-fn contiguous<A, B, C>(
-    values: Result<A, numpy::AsSliceError>,
-    codes: Result<B, numpy::AsSliceError>,
-    scales: Result<C, numpy::AsSliceError>,
-) -> PyResult<(A, B, C)>
-where
-    A: AsRef<[f32]>,
-    B: AsRef<[u8]>,
-    C: AsRef<[f32]>,
-{
-    let not_contiguous = |_| invalid("arrays".into(), "must be C-contiguous");
-    let (values, codes, scales) = (
-        values.map_err(not_contiguous)?,
-        codes.map_err(not_contiguous)?,
-        scales.map_err(not_contiguous)?,
-    );
-    let n = values.as_ref().len();
-    if codes.as_ref().len() != n || scales.as_ref().len() != q8::blocks(n) {
-        return Err(invalid(
-            "codes".into(),
-            format!(
-                "and scales must hold {n} codes and {} scales",
-                q8::blocks(n)
-            ),
-        ));
-    }
-    Ok((values, codes, scales))
-}
-
-/// The benchmark's ceiling: `p += g; m += g; v += g` in place, same threads and chunks.
-#[pyfunction]
-fn read_modify_write<'py>(
-    py: Python<'py>,
-    params: Objects<'py>,
-    grads: Objects<'py>,
-    exp_avgs: Objects<'py>,
-    exp_avg_sqs: Objects<'py>,
-) -> PyResult<()> {
-    let arrays = StepArrays::new(StepObjects {
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        amsgrad_max: None,
-        param_copies: None,
-        read_from: None,
-    })?;
-    for list in [
-        &arrays.params,
-        &arrays.grads,
-        &arrays.exp_avgs,
-        &arrays.exp_avg_sqs,
-    ] {
-        list.check_dtypes(FLOAT32, "for the plain loop")?;
-    }
-    arrays.run(py, |tensors, _| bandwidth::read_modify_write(tensors))
-}
-
-/// The update as an XLA FFI handler (a PyCapsule), for `jax.ffi.register_ffi_target`.
-#[pyfunction]
-fn xla_ffi_handler(py: Python<'_>) -> PyResult<Bound<'_, PyCapsule>> {
-    let handler: unsafe extern "C" fn(*mut xla_ffi::CallFrame) -> *mut xla_ffi::XlaError =
-        xla_ffi::adamw_update;
-    let pointer = NonNull::new(handler as *mut c_void).expect("a function pointer is not null");
-    // SAFETY: a function pointer of the module, which outlives the capsule.
-    unsafe { PyCapsule::new_with_pointer(py, pointer, c"keras_adamw._core.xla_ffi_handler") }
-}
-
-/// Registers host arrays as state that the XLA handler and the TensorFlow op
-/// update by reference (`keras_adamw.host.HostState`); returns its id. The
-/// state lists take float32, bfloat16 or 8-bit state; `masters` (float32)
-/// makes the params each call is handed their 16-bit copies.
-#[pyfunction]
-#[pyo3(signature = (exp_avgs, exp_avg_sqs, amsgrad_max=None, masters=None))]
-fn register_host_state<'py>(
-    exp_avgs: Objects<'py>,
-    exp_avg_sqs: Objects<'py>,
-    amsgrad_max: Option<Objects<'py>>,
-    masters: Option<Objects<'py>>,
-) -> PyResult<u64> {
-    let mut lists = vec![
-        ArrayList::new("exp_avgs", &exp_avgs, true, STATE)?,
-        ArrayList::new("exp_avg_sqs", &exp_avg_sqs, true, STATE)?,
-    ];
-    if let Some(objects) = amsgrad_max {
-        lists.push(ArrayList::new("amsgrad_max", &objects, true, STATE)?);
-    }
-    let masters = match masters {
-        Some(objects) => Some(ArrayList::new("masters", &objects, true, FLOAT32)?),
-        None => None,
-    };
-    for list in lists.iter().skip(1).chain(&masters) {
-        list.check_matches(&lists[0])?;
-    }
-    let held = |list: &ArrayList<'py>| -> Vec<Held> {
-        let buffers = list.arrays.iter().map(|a| Held {
-            dtype: a.dtype,
-            data: data(&a.array) as usize,
-            scales: a.scales.as_ref().map_or(0, |s| data(s) as usize),
-            len: a.array.len(),
-        });
-        buffers.collect()
-    };
-    let (held_lists, held_masters) = (
-        lists.iter().map(held).collect::<Vec<_>>(),
-        masters.as_ref().map(held),
-    );
-    let regions: Vec<_> = lists
-        .iter()
-        .chain(&masters)
-        .zip(held_lists.iter().chain(&held_masters))
-        .flat_map(|(list, buffers)| {
-            buffers
-                .iter()
-                .enumerate()
-                .flat_map(move |(i, b)| b.regions(list.label(i)))
-        })
-        .collect();
-    if let Some((a, b)) = find_overlap(&regions) {
-        return Err(invalid(b, format!("shares memory with {a}")));
-    }
-    let owner: Vec<Py<PyUntypedArray>> = lists
-        .into_iter()
-        .chain(masters)
-        .flat_map(|list| list.arrays)
-        .flat_map(|a| [Some(a.array), a.scales])
-        .flatten()
-        .map(Bound::unbind)
-        .collect();
-    Ok(host_state::register(
-        held_lists,
-        held_masters,
-        Box::new(owner),
-    ))
-}
-
-/// Unregisters a `register_host_state` id; a step running on it keeps its buffers until it ends.
-#[pyfunction]
-fn unregister_host_state(id: u64) {
-    drop(host_state::unregister(id));
-}
-
-/// The SIMD level the kernel runs at now.
-#[pyfunction]
-fn simd_level() -> PyResult<&'static str> {
-    Ok(simd::active_level()?.name())
-}
-
-/// The SIMD levels this CPU supports, narrowest first.
-#[pyfunction]
-fn supported_simd_levels() -> Vec<&'static str> {
-    simd::supported_levels()
-        .into_iter()
-        .map(simd::SimdLevel::name)
-        .collect()
-}
-
-#[pyfunction]
-fn set_simd_level(level: &str) -> PyResult<()> {
-    simd::set_active_level(level).map_err(|e| invalid("level".into(), e.problem))?;
-    Ok(())
-}
-
-#[pyfunction]
-fn num_threads() -> usize {
-    parallel::num_threads()
-}
-
-#[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
-    let n = usize::try_from(n)
-        .map_err(|_| invalid("n".into(), format!("must be >= 1 threads, got {n}")))?;
-    Ok(parallel::set_num_threads(n)?)
-}
-
-/// Registers the TensorFlow op (rust/tensorflow_op.rs) with the TensorFlow
-/// whose framework library is loaded from `framework_library`.
-#[pyfunction]
-fn register_tensorflow_op(framework_library: &str) -> PyResult<&'static str> {
-    #[cfg(unix)]
-    {
-        crate::tensorflow_op::register(framework_library).map_err(PyRuntimeError::new_err)?;
-        Ok(crate::tensorflow_op::OP_NAME)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = framework_library;
-        Err(PyRuntimeError::new_err(
-            "the TensorFlow op is built for Linux and macOS only",
-        ))
-    }
-}
-
-#[pymodule]
-fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    #[cfg(unix)]
-    crate::fork::install();
-    m.add_function(wrap_pyfunction!(adamw_update, m)?)?;
-    m.add_function(wrap_pyfunction!(check_hyperparameters, m)?)?;
-    m.add_function(wrap_pyfunction!(read_modify_write, m)?)?;
-    m.add_function(wrap_pyfunction!(quantize, m)?)?;
-    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
-    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
-    m.add_function(wrap_pyfunction!(xla_ffi_handler, m)?)?;
-    m.add_function(wrap_pyfunction!(register_host_state, m)?)?;
-    m.add_function(wrap_pyfunction!(unregister_host_state, m)?)?;
-    m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;
-    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
-    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(register_tensorflow_op, m)?)?;
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SIMD_ENV_VAR", simd::SIMD_ENV_VAR)?;
-    m.add("THREADS_ENV_VAR", parallel::THREADS_ENV_VAR)?;
-    m.add("QUANTIZATION_BLOCK", q8::BLOCK)?;
-    Ok(())
 }
