@@ -3,8 +3,8 @@ process (device counts must be set before the backend starts).
 
     python distributed_fit.py MODE
 
-MODE: jax-data, jax-model, jax-sharded, jax-host, jax-offloaded, jax-cases or
-tf-mirrored.
+MODE: jax-data, jax-model, jax-sharded, jax-host, jax-offloaded, jax-cases,
+jax-unbuilt or tf-mirrored.
 
 Prints one JSON line: the largest weight difference from keras.optimizers.AdamW
 under the same strategy, and what the slots' placement was.
@@ -16,7 +16,8 @@ import sys
 
 mode = sys.argv[1]
 if mode.startswith("jax"):
-    devices = 4 if mode in ("jax-sharded", "jax-host", "jax-offloaded", "jax-cases") else 2
+    four = ("jax-sharded", "jax-host", "jax-offloaded", "jax-cases", "jax-unbuilt")
+    devices = 4 if mode in four else 2
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ["KERAS_BACKEND"] = "jax"
 else:
@@ -197,6 +198,37 @@ elif mode == "jax-offloaded":
     initial = [np.asarray(w, np.float32) for w in make_model(dtype="bfloat16").get_weights()]
     pairs = zip(masters["offloaded"], initial, strict=True)
     report["bfloat16, masters moved"] = min(float(np.abs(a - b).max()) for a, b in pairs)
+elif mode == "jax-unbuilt":
+    # Sharded state saved mid-run, loaded into a freshly compiled model whose
+    # optimizer is not built yet: build assigns it, and the run goes on as an
+    # uninterrupted one.
+    devices = keras.distribution.list_devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    x, y = make_data(400)
+    layouts = {
+        "ops": dict(implementation="ops", shard_state=True),
+        "host": dict(implementation="host", shard_state=True),
+        "offloaded": dict(offload_state=True, shard_state=True),
+    }
+    for name, options in layouts.items():
+
+        def compiled(seed, options=options):
+            model = make_model(seed=seed)
+            model.compile(optimizer=AdamW(**kwargs, **options), loss="mse")
+            return model
+
+        straight, first = compiled(0), compiled(0)
+        straight.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        first.fit(x[:200], y[:200], batch_size=8, shuffle=False, verbose=0)
+        first.save_weights(f"{name}.weights.h5")
+        resumed = compiled(1)  # other initial weights: the file must set them all
+        report[f"{name}, built before loading"] = resumed.optimizer.built
+        resumed.load_weights(f"{name}.weights.h5")
+        resumed.fit(x[200:], y[200:], batch_size=8, shuffle=False, verbose=0)
+        report[f"{name}, iterations"] = int(
+            keras.ops.convert_to_numpy(resumed.optimizer.iterations)
+        )
+        report[name] = float(max_difference(resumed, straight))
 elif mode == "jax-cases":
     # Every option of test_parity.py, 100 steps under DataParallel over 4
     # devices: shard_state on the ops path, and offloaded with shard_state

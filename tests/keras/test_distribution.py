@@ -121,6 +121,17 @@ def test_offloaded_state_is_each_devices_block_in_host_memory_and_trains_like_op
 
 
 @jax_only
+def test_sharded_state_loaded_before_build_resumes_training(tmp_path):
+    """Weights loaded into a freshly compiled model under DataParallel (4
+    devices), with shard_state on ops, in the host kernel and offloaded."""
+    report = run("jax-unbuilt", tmp_path)
+    for name in ("ops", "host", "offloaded"):
+        assert report[f"{name}, built before loading"] is False
+        assert report[f"{name}, iterations"] == 50
+        assert report[name] <= 1e-6, (name, report[name])
+
+
+@jax_only
 def test_every_option_trains_alike_with_sharded_and_offloaded_state(tmp_path):
     """test_parity.py's options, 100 steps on 4 devices: shard_state on the
     ops path, and offloaded sharded state in the host kernel, each within
